@@ -1,0 +1,137 @@
+"""One CFM upscale, from a raw VAE latent to a raw VAE latent with twice the height and width.
+
+    raw latent ──×scale──▶ z ──source──▶ z_up ──q_sample(step, ε)──▶ x0 ──ODE v([x, z_up], t)──▶ x1 ──÷scale──▶ raw
+
+Everything ComfyUI-specific stays out: the nodes pass plain tensors, a velocity network, an optional VAE
+(`source.PixelVAE`) and a progress callback.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .schedule import check_step, q_sample
+from .solvers import EvalInfo, SolverSettings, integrate
+from .source import PixelVAE, make_source
+
+Network = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t, context) → v
+
+
+class InputError(ValueError):
+    """The input latent cannot be upscaled by this model; the message says why."""
+
+
+@dataclass
+class Progress:
+    nfe: int                  # network evaluations done so far in this upscale
+    planned: int              # evaluations planned (for adaptive solvers: the cap)
+    info: EvalInfo = field(repr=False)
+    rows: slice = field(repr=False)   # batch rows this evaluation covered
+    crop: tuple[int, int] = (0, 0)
+
+    def preview(self) -> torch.Tensor:
+        """Predicted result (scaled latent, cropped to the output size) of the rows being integrated."""
+        h, w = self.crop
+        return self.info.predicted_target()[..., :h, :w]
+
+
+@dataclass(frozen=True)
+class UpscaleSettings:
+    scale_factor: float = 0.18215
+    mode: str = "latent"
+    noise_step: int = 400
+    seed: int = 0
+    solver: SolverSettings = SolverSettings()
+    size_multiple: int = 1
+
+
+def item_noise(shape: Sequence[int], seed: int, batch_index: Sequence[int]) -> torch.Tensor:
+    """ε for each batch item from (seed, its batch index), on the CPU like ComfyUI's own noise, so one item
+    gets the same noise whatever batch it travels in, and on any device."""
+    out = torch.empty((len(batch_index), *shape), dtype=torch.float32)
+    for row, index in enumerate(batch_index):
+        gen = torch.Generator(device="cpu").manual_seed((int(seed) + int(index)) % (2 ** 64))
+        out[row] = torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
+    return out
+
+
+def check_latent(latent: torch.Tensor, channels: int) -> None:
+    if not isinstance(latent, torch.Tensor):
+        raise InputError(f"expected a latent tensor, got {type(latent).__name__}")
+    if latent.ndim != 4:
+        raise InputError(f"expected a 4-D image latent (batch, channels, height, width), got shape "
+                         f"{tuple(latent.shape)}" + (" (a video latent?)" if latent.ndim == 5 else ""))
+    b, c, h, w = latent.shape
+    if b == 0:
+        raise InputError("the latent batch is empty")
+    if c != channels:
+        raise InputError(f"this CFM model works on {channels}-channel latents (SD1.x), but the input has {c} "
+                         "channels: it comes from another model family (SD3/Flux use 16)")
+    if h < 2 or w < 2:
+        raise InputError(f"the latent is too small to upscale ({h}×{w}); it needs at least 2×2")
+    if not torch.isfinite(latent).all():
+        raise InputError("the input latent contains NaN or Inf values; check the sampler that produced it")
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if not (ph or pw):
+        return x
+    # Mirror padding keeps image statistics at the border; the padded band is cropped off afterwards.
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+def upscale(network: Network, latent: torch.Tensor, settings: UpscaleSettings, *,
+            vae: Optional[PixelVAE] = None, batch_index: Optional[Sequence[int]] = None,
+            noise: Optional[torch.Tensor] = None, latent_channels: int = 4,
+            on_progress: Optional[Callable[[Progress], None]] = None,
+            device: torch.device | str | None = None) -> torch.Tensor:
+    """Raw VAE latent (B, C, h, w) → raw VAE latent (B, C, 2h, 2w), float32 on `device`."""
+    check_latent(latent, latent_channels)
+    step = check_step(settings.noise_step)
+    device = torch.device(device) if device is not None else latent.device
+    b = latent.shape[0]
+    if batch_index is None:
+        batch_index = list(range(b))
+    if len(batch_index) != b:
+        raise InputError(f"batch_index has {len(batch_index)} entries for a batch of {b}")
+
+    z = latent.to(device, torch.float32) * settings.scale_factor
+    z_up = make_source(z, settings.mode, settings.scale_factor, vae)
+    out_h, out_w = z_up.shape[-2:]
+    if noise is None:
+        noise = item_noise(z_up.shape[1:], settings.seed, batch_index)
+    if tuple(noise.shape) != tuple(z_up.shape):
+        raise InputError(f"noise of shape {tuple(noise.shape)} does not match the source {tuple(z_up.shape)}")
+    x0 = q_sample(z_up, step, noise.to(device, torch.float32))
+
+    multiple = max(1, int(settings.size_multiple))
+    x0, context = _pad_to_multiple(x0, multiple), _pad_to_multiple(z_up, multiple)
+
+    solver = settings.solver
+    # Adaptive step control measures the error over the whole tensor, so items would steer each other's
+    # steps; run them one at a time to keep every item independent of its batch.
+    chunks = [slice(i, i + 1) for i in range(b)] if solver.adaptive else [slice(0, b)]
+    planned = solver.planned_evals() * len(chunks)
+    done = 0
+    results = []
+    for rows in chunks:
+        ctx = context[rows]
+
+        def velocity(x, t, ctx=ctx):
+            return network(x, t, ctx)
+
+        def on_eval(info: EvalInfo, rows=rows):
+            nonlocal done
+            done += 1
+            if on_progress is not None:
+                on_progress(Progress(done, planned, info, rows, (out_h, out_w)))
+
+        results.append(integrate(velocity, x0[rows], solver, on_eval))
+    x1 = torch.cat(results, dim=0)[..., :out_h, :out_w]
+    return x1 / settings.scale_factor

@@ -1,0 +1,51 @@
+"""Building the ODE's source: the low-res latent brought to the high-res grid.
+
+- latent mode: bilinear ×2 of the (scaled) latent;
+- pixel mode: decode → bilinear ×2 in pixels → encode (posterior mode), as the authors' "psu".
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("latent", "pixel")
+
+
+class PixelVAE(Protocol):
+    """What pixel mode needs from a VAE. Latents are raw (unscaled) VAE latents."""
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) raw latent → (B, 3, H, W) pixels in [0, 1]."""
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels in [0, 1] → (B, C, h, w) raw latent (posterior mode, not a sample)."""
+
+
+def bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    # align_corners=False, no antialias: the authors' F.interpolate call.
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def make_source(z_scaled: torch.Tensor, mode: str, scale_factor: float, vae: PixelVAE | None = None,
+                factor: int = 2) -> torch.Tensor:
+    """Scaled low-res latent (B, C, h, w) → scaled source on the high-res grid (B, C, factor·h, factor·w)."""
+    b, c, h, w = z_scaled.shape
+    out_size = (h * factor, w * factor)
+    if mode == "latent":
+        return bilinear(z_scaled, out_size)
+    if mode != "pixel":
+        raise ValueError(f"unknown up-sampling mode {mode!r}; choose one of {', '.join(MODES)}")
+    if vae is None:
+        raise ValueError("pixel-space up-sampling needs a VAE: connect one, or use latent up-sampling")
+    pixels = vae.decode(z_scaled / scale_factor)
+    if pixels.ndim != 4 or pixels.shape[0] != b:
+        raise ValueError(f"the VAE decoded a {tuple(pixels.shape)} tensor from a {tuple(z_scaled.shape)} latent")
+    pixels = bilinear(pixels.to(torch.float32), (pixels.shape[-2] * factor, pixels.shape[-1] * factor))
+    z_up = vae.encode(pixels).to(z_scaled.device, torch.float32) * scale_factor
+    if tuple(z_up.shape) != (b, c, *out_size):
+        raise ValueError(
+            f"the VAE does not fit this model: it encoded {tuple(pixels.shape)} pixels to a latent of "
+            f"{tuple(z_up.shape)}, expected {(b, c, *out_size)}")
+    return z_up
