@@ -1,0 +1,195 @@
+"""The upscale pipeline: shapes, padding, batches, seeds, cascades, solvers, input checks."""
+import pytest
+import torch
+
+from fmboost.flow import (EvaluationBudgetExceeded, InputError, SolverSettings, UpscaleSettings, integrate,
+                          item_noise, upscale)
+from fmboost.flow.source import make_source
+from fmboost.models.unet import CFMUNet, UNetConfig
+
+CFG = UNetConfig(model_channels=32, num_res_blocks=1, channel_mult=(1, 2, 2), attention_resolutions=(4,),
+                 num_heads=2, dim_head=16)
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return CFMUNet(CFG).eval().requires_grad_(False)
+
+
+def settings(**kw):
+    base = dict(solver=SolverSettings("euler", steps=2), size_multiple=CFG.size_multiple, seed=7)
+    return UpscaleSettings(**(base | kw))
+
+
+def raw_latent(b, h, w, seed=1):
+    return torch.randn(b, 4, h, w, generator=torch.Generator().manual_seed(seed)) * 5
+
+
+@pytest.mark.parametrize("h,w", [(8, 8), (8, 12), (9, 9), (5, 7), (2, 3)])
+def test_any_size_gives_twice_the_size(net, h, w):
+    out = upscale(net, raw_latent(1, h, w), settings())
+    assert out.shape == (1, 4, 2 * h, 2 * w)
+    assert torch.isfinite(out).all()
+
+
+def test_padding_leaves_no_border(net):
+    # 9×9 → 18×18 needs padding to 20×20; the rows next to the crop must look like the rest
+    out = upscale(net, raw_latent(1, 9, 9), settings())
+    inner = out[..., 2:-2, 2:-2].std()
+    for edge in (out[..., -1, :], out[..., :, -1]):
+        assert 0.5 * inner < edge.std() < 2 * inner
+
+
+def test_batch_items_equal_single_runs(net):
+    lat = raw_latent(3, 8, 8)
+    batch = upscale(net, lat, settings())
+    for i in range(3):
+        alone = upscale(net, lat[i:i + 1], settings(), batch_index=[i])
+        torch.testing.assert_close(batch[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_adaptive_batch_items_equal_single_runs(net):
+    lat = raw_latent(2, 4, 4)
+    s = settings(solver=SolverSettings("dopri5", atol=1e-4, rtol=1e-3, max_evals=300))
+    batch = upscale(net, lat, s)
+    for i in range(2):
+        torch.testing.assert_close(batch[i:i + 1], upscale(net, lat[i:i + 1], s, batch_index=[i]),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_seed_reproduces_and_changes(net):
+    lat = raw_latent(1, 8, 8)
+    a, b = upscale(net, lat, settings(seed=3)), upscale(net, lat, settings(seed=3))
+    assert torch.equal(a, b)
+    c = upscale(net, lat, settings(seed=4))
+    assert (a - c).abs().max() > 1e-2
+
+
+def test_noise_step_zero_is_deterministic_in_the_seed(net):
+    lat = raw_latent(1, 8, 8)
+    a, b = upscale(net, lat, settings(seed=1, noise_step=0)), upscale(net, lat, settings(seed=2, noise_step=0))
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)  # ᾱ[0] = 1: the noise has no weight
+
+
+def test_item_noise_depends_on_seed_plus_index_only():
+    n = item_noise((4, 6, 6), seed=10, batch_index=[0, 1, 2])
+    torch.testing.assert_close(n[2], item_noise((4, 6, 6), seed=10, batch_index=[2])[0], atol=0, rtol=0)
+    torch.testing.assert_close(n[1], item_noise((4, 6, 6), seed=11, batch_index=[0])[0], atol=0, rtol=0)
+    assert n.std().item() == pytest.approx(1.0, abs=0.15)
+
+
+def test_cascade(net):
+    once = upscale(net, raw_latent(1, 4, 6), settings())
+    twice = upscale(net, once, settings())
+    assert twice.shape == (1, 4, 16, 24)
+
+
+def test_latent_scale_is_applied_once(net):
+    """Zero steps of change: with noise step 0 and a zero network, the output is the bilinear source."""
+    lat = raw_latent(1, 4, 4)
+    out = upscale(lambda x, t, c: torch.zeros_like(x), lat, settings(noise_step=0))
+    expected = torch.nn.functional.interpolate(lat, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method,steps,evals", [("euler", 3, 3), ("midpoint", 3, 6), ("heun", 3, 6),
+                                                ("rk4", 2, 8)])
+def test_fixed_solvers_evaluation_counts_and_accuracy(method, steps, evals):
+    # dx/dt = x·cos(t) has the exact solution x0·exp(sin t)
+    count = []
+    out = integrate(lambda x, t: x * torch.cos(t), torch.ones(3), SolverSettings(method, steps=steps),
+                    on_eval=lambda i: count.append(i.nfe))
+    exact = torch.exp(torch.sin(torch.tensor(1.0, dtype=torch.float64)))
+    err = (out - exact).abs().max().item()
+    assert len(count) == evals
+    assert err < {"euler": 0.2, "midpoint": 0.05, "heun": 0.05, "rk4": 1e-3}[method]
+    # convergence order: doubling the steps divides the error by 2^order
+    finer = integrate(lambda x, t: x * torch.cos(t), torch.ones(3, dtype=torch.float64),
+                      SolverSettings(method, steps=2 * steps))
+    coarse = integrate(lambda x, t: x * torch.cos(t), torch.ones(3, dtype=torch.float64),
+                       SolverSettings(method, steps=steps))
+    order = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}[method]
+    ratio = (coarse - exact).abs().max() / (finer - exact).abs().max()
+    assert 2 ** order * 0.6 < ratio < 2 ** order * 1.6
+
+
+def test_dopri5_accuracy_and_cap():
+    out = integrate(lambda x, t: x * torch.cos(t), torch.ones(3, dtype=torch.float64),
+                    SolverSettings("dopri5", atol=1e-8, rtol=1e-8, max_evals=500))
+    assert (out - torch.exp(torch.sin(torch.tensor(1.0, dtype=torch.float64)))).abs().max() < 1e-6
+    with pytest.raises(EvaluationBudgetExceeded, match="used its 6 network evaluations"):
+        integrate(lambda x, t: x * torch.cos(40 * t), torch.ones(3),
+                  SolverSettings("dopri5", atol=1e-10, rtol=1e-10, max_evals=6))
+
+
+def test_callback_exception_stops_within_one_evaluation(net):
+    calls = []
+
+    class Cancelled(Exception):
+        pass
+
+    def on_progress(p):
+        calls.append(p.nfe)
+        if p.nfe == 2:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        upscale(net, raw_latent(1, 8, 8), settings(solver=SolverSettings("euler", steps=10)),
+                on_progress=on_progress)
+    assert calls == [1, 2]
+
+
+def test_progress_reports_plan_and_preview(net):
+    seen = []
+    upscale(net, raw_latent(2, 5, 5), settings(solver=SolverSettings("heun", steps=2)),
+            on_progress=lambda p: seen.append((p.nfe, p.planned, tuple(p.preview().shape))))
+    assert seen == [(i, 4, (2, 4, 10, 10)) for i in range(1, 5)]
+
+
+@pytest.mark.parametrize("bad,needle", [
+    (torch.zeros(1, 16, 8, 8), "16 channels"),
+    (torch.zeros(1, 4, 2, 8, 8), "video latent"),
+    (torch.zeros(0, 4, 8, 8), "empty"),
+    (torch.zeros(1, 4, 1, 1), "too small"),
+    (torch.full((1, 4, 8, 8), float("nan")), "NaN"),
+    (torch.full((1, 4, 8, 8), float("inf")), "NaN or Inf"),
+])
+def test_bad_latents(net, bad, needle):
+    with pytest.raises(InputError, match=needle):
+        upscale(net, bad, settings())
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(method="euler", steps=0), "steps must be at least 1"),
+    (dict(method="dopri5", atol=-1.0), "tolerances must be positive"),
+    (dict(method="rk45"), "unknown solver method"),
+])
+def test_bad_solver_settings(kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        SolverSettings(**kw)
+
+
+def test_bad_noise_step(net):
+    with pytest.raises(ValueError, match="0..999"):
+        upscale(net, raw_latent(1, 4, 4), settings(noise_step=1000))
+
+
+def test_pixel_mode_needs_a_vae():
+    with pytest.raises(ValueError, match="needs a VAE"):
+        make_source(torch.zeros(1, 4, 4, 4), "pixel", 0.18215, None)
+
+
+class StubVAE:
+    """A VAE of another family: 8× down-sampling but 16 latent channels."""
+
+    def decode(self, latent):
+        return torch.rand(latent.shape[0], 3, latent.shape[2] * 8, latent.shape[3] * 8)
+
+    def encode(self, pixels):
+        return torch.zeros(pixels.shape[0], 16, pixels.shape[2] // 8, pixels.shape[3] // 8)
+
+
+def test_pixel_mode_refuses_a_vae_of_another_family():
+    with pytest.raises(ValueError, match="VAE does not fit this model"):
+        make_source(torch.zeros(1, 4, 4, 4), "pixel", 0.18215, StubVAE())
