@@ -1,0 +1,117 @@
+"""ComfyUI glue around the core: model folders, model management, the VAE adapter, progress/preview/cancel."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+import comfy.latent_formats
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+import latent_preview
+
+from ..flow import Progress
+from ..models import MethodSettings, UNetConfig
+
+MODEL_FOLDERS = ("cfm", "latent_upscale_models")
+
+
+def register_model_folders() -> None:
+    """`latent_upscale_models` is native in recent ComfyUI; `cfm` is ours. Add either where it is missing."""
+    for name in MODEL_FOLDERS:
+        if name not in folder_paths.folder_names_and_paths:
+            folder_paths.folder_names_and_paths[name] = (
+                [os.path.join(folder_paths.models_dir, name)], set(folder_paths.supported_pt_extensions))
+
+
+def list_checkpoints() -> list[str]:
+    names = []
+    for folder in MODEL_FOLDERS:
+        for name in folder_paths.get_filename_list(folder):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def checkpoint_path(name: str) -> str:
+    # Only names ComfyUI lists from the model folders: no absolute paths, no "..".
+    if name not in list_checkpoints():
+        raise FileNotFoundError(f"CFM model {name!r} is not in models/{' or models/'.join(MODEL_FOLDERS)}")
+    for folder in MODEL_FOLDERS:
+        path = folder_paths.get_full_path(folder, name)
+        if path is not None:
+            return path
+    raise FileNotFoundError(f"CFM model {name!r} is not in models/{' or models/'.join(MODEL_FOLDERS)}")
+
+
+def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice != "auto":
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[choice]
+    if device.type == "cpu":
+        return torch.float32
+    if mm.should_use_bf16(device):
+        return torch.bfloat16
+    if mm.should_use_fp16(device):
+        return torch.float16
+    return torch.float32
+
+
+@dataclass
+class CFMModel:
+    """What `Load CFM Model` hands to `CFM Latent Upscale`."""
+    name: str
+    patcher: comfy.model_patcher.ModelPatcher
+    net_config: UNetConfig
+    method: MethodSettings
+    dtype: torch.dtype
+
+    @classmethod
+    def wrap(cls, name, network, net_config, method, dtype) -> "CFMModel":
+        patcher = comfy.model_patcher.ModelPatcher(
+            network, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+        return cls(name, patcher, net_config, method, dtype)
+
+    def activation_bytes(self, batch: int, height: int, width: int) -> int:
+        # Rough peak of the UNet's activations and skips at the output size; enough for ComfyUI to free
+        # other models' memory first.
+        elem = torch.finfo(self.dtype).bits // 8
+        return int(batch * height * width * self.net_config.model_channels * 64 * elem)
+
+    def load(self, batch: int, height: int, width: int):
+        mm.load_models_gpu([self.patcher], memory_required=self.activation_bytes(batch, height, width))
+        return self.patcher.model, self.patcher.load_device
+
+
+class ComfyVAE:
+    """ComfyUI's VAE (BHWC pixels in [0, 1]) seen through the core's `PixelVAE` protocol (BCHW)."""
+
+    def __init__(self, vae):
+        self.vae = vae
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        pixels = self.vae.decode(latent)
+        if pixels.ndim == 5:  # video VAEs return (B, T, H, W, C)
+            raise ValueError("the connected VAE is a video VAE; use an SD1.x VAE (or TAESD) for pixel mode")
+        return pixels.movedim(-1, 1)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(pixels.clamp(0, 1).movedim(1, -1))
+
+
+class ProgressReporter:
+    """Progress bar per network evaluation, latent previews when enabled, and Cancel checked every evaluation."""
+
+    def __init__(self, device, total: int):
+        self.bar = comfy.utils.ProgressBar(total)
+        # The network's latents are scaled SD1.x latents: what ComfyUI's SD1.5 previewers expect.
+        self.previewer = latent_preview.get_previewer(device, comfy.latent_formats.SD15())
+
+    def __call__(self, progress: Progress) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        preview = None
+        if self.previewer is not None:
+            preview = self.previewer.decode_latent_to_preview_image("JPEG", progress.preview()[:1].float())
+        self.bar.update_absolute(progress.nfe, progress.planned, preview)

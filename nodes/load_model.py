@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..models import CheckpointError, load_checkpoint
+from .comfy_model import CFMModel, checkpoint_path, list_checkpoints, pick_dtype
+from .socket_types import CFMModelType
+
+import comfy.model_management as mm
+
+
+class LoadCFMModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FMBoostLoadCFMModel",
+            display_name="Load CFM Model",
+            category="FMBoost",
+            description="Loads a Coupling Flow Matching upscaler from models/cfm or models/latent_upscale_models. "
+                        "Reads FMBoost .safetensors, the authors' Lightning .ckpt (safely: no code from the file "
+                        "runs) and bare state dicts.",
+            inputs=[
+                io.Combo.Input("ckpt_name", options=list_checkpoints(),
+                               tooltip="CFM checkpoint in models/cfm or models/latent_upscale_models."),
+                io.Combo.Input("weight_dtype", options=["auto", "fp32", "fp16", "bf16"], default="auto",
+                               tooltip="Precision of the weights on the device. auto: bf16 or fp16 on a GPU "
+                                       "that supports it, fp32 on the CPU."),
+                io.Combo.Input("weights", options=["ema", "online"], default="ema",
+                               tooltip="For the authors' training checkpoints: the EMA weights (usually better) "
+                                       "or the online weights. Other files hold one set and ignore this."),
+            ],
+            outputs=[io.Custom(CFMModelType).Output(display_name="cfm_model")],
+        )
+
+    @classmethod
+    def execute(cls, ckpt_name, weight_dtype, weights) -> io.NodeOutput:
+        path = checkpoint_path(ckpt_name)
+        try:
+            ckpt = load_checkpoint(path, weights=weights)
+            dtype = pick_dtype(weight_dtype, mm.get_torch_device())
+            network = ckpt.build_network(dtype)
+        except CheckpointError as e:
+            raise ValueError(f"Load CFM Model: {e}") from None
+        return io.NodeOutput(CFMModel.wrap(ckpt_name, network, ckpt.net_config, ckpt.method, dtype))

@@ -1,0 +1,3 @@
+"""Socket types the pack's nodes pass between them."""
+CFMModelType = "CFM_MODEL"
+CFMSolverType = "CFM_SOLVER"

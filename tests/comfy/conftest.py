@@ -1,0 +1,33 @@
+"""Session fixtures: one real ComfyUI server with this pack, models and inputs made by the tests."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from comfy_support import make_models
+from comfyui_server import ComfyServer
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy_base")
+    srv = ComfyServer(base, extra_args=["--preview-method", "latent2rgb"])
+    make_models(base / "models")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def latent_file(server):
+    """Writes a raw latent into the server's input folder as a .latent file; returns its name."""
+    counter = [0]
+
+    def write(tensor: torch.Tensor, name: str | None = None) -> str:
+        counter[0] += 1
+        name = name or f"in_{id(counter)}_{counter[0]}.latent"
+        save_file({"latent_tensor": tensor.contiguous(), "latent_format_version_0": torch.tensor([])},
+                  server.base / "input" / name)
+        return name
+    return write

@@ -1,0 +1,174 @@
+"""The pack inside a real ComfyUI server, through its HTTP API."""
+import pytest
+import torch
+
+from comfyui_server import PromptRejected, execution_error
+from fmboost.flow import SolverSettings, UpscaleSettings, item_noise, upscale
+from fmboost.flow.schedule import alpha_bar
+from fmboost.models import load_checkpoint
+
+from comfy_support import TINY_METHOD, read_latent, solver, upscale_prompt
+from support import FIXTURES
+
+NODES = {"FMBoostLoadCFMModel": "Load CFM Model", "FMBoostLatentUpscale": "CFM Latent Upscale",
+         "FMBoostSolverSettings": "CFM Solver Settings"}
+
+
+def raw_latent(b, h, w, seed=0):
+    return torch.randn(b, 4, h, w, generator=torch.Generator().manual_seed(seed)) * 4
+
+
+def reference(ckpt_path, latent, *, seed, step, mode="latent", solver_settings=SolverSettings("euler", steps=8),
+              weights="ema"):
+    ck = load_checkpoint(ckpt_path, weights=weights)
+    settings = UpscaleSettings(scale_factor=ck.method.scale_factor, mode=mode, noise_step=step, seed=seed,
+                               solver=solver_settings, size_multiple=ck.net_config.size_multiple)
+    with torch.inference_mode():
+        return upscale(ck.build_network(), latent, settings)
+
+
+def test_nodes_are_registered_with_tooltips(server):
+    info = server.object_info()
+    for node_id, display in NODES.items():
+        assert node_id in info, f"{node_id} missing from /object_info"
+        node = info[node_id]
+        assert node["display_name"] == display
+        assert node["python_module"].startswith("custom_nodes.")
+        for section in ("required", "optional"):
+            for name, spec in node["input"].get(section, {}).items():
+                assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+    ckpts = info["FMBoostLoadCFMModel"]["input"]["required"]["ckpt_name"][1]["options"]
+    assert {"tiny.safetensors", "authors_small.ckpt"} <= set(ckpts)
+    assert info["FMBoostLatentUpscale"]["output"] == ["LATENT"]
+
+
+def test_upscale_our_checkpoint_matches_the_core(server, latent_file):
+    lat = raw_latent(2, 8, 12)
+    entry = server.run(upscale_prompt(latent_file(lat), seed=5))
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    out = read_latent(server.output_file(entry, "4"))
+    assert out.shape == (2, 4, 16, 24)
+    expected = reference(server.base / "models/cfm/tiny.safetensors", lat, seed=5, step=TINY_METHOD.noise_step)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_upscale_authors_checkpoint(server, latent_file):
+    lat = raw_latent(1, 8, 8, seed=3)
+    for weights in ("ema", "online"):
+        entry = server.run(upscale_prompt(latent_file(lat), "authors_small.ckpt", seed=1, noise=400,
+                                          weights=weights, solver=solver("rk4", steps=2)))
+        assert entry["status"]["status_str"] == "success", execution_error(entry)
+        out = read_latent(server.output_file(entry, "4"))
+        expected = reference(FIXTURES / "small_checkpoint_lightning.ckpt", lat, seed=1, step=400,
+                             solver_settings=SolverSettings("rk4", steps=2), weights=weights)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_velocity_model_returns_the_noised_source(server, latent_file):
+    """With v ≡ 0 the output is x0: checks the scale conversions, the schedule and the seed convention."""
+    lat = raw_latent(2, 6, 6, seed=4)
+    entry = server.run(upscale_prompt(latent_file(lat), "zero.safetensors", seed=11, noise=250))
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    out = read_latent(server.output_file(entry, "4"))
+    s = TINY_METHOD.scale_factor
+    z_up = torch.nn.functional.interpolate(lat * s, scale_factor=2, mode="bilinear", align_corners=False)
+    a = alpha_bar()[250]
+    expected = (a.sqrt() * z_up + (1 - a).sqrt() * item_noise((4, 12, 12), 11, [0, 1])) / s
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pixel_mode_with_taesd_equals_decode_resize_encode(server, latent_file):
+    """Pixel up-sampling through the stock VAELoader (TAESD) equals stock VAE Decode → Upscale → VAE Encode."""
+    lat = raw_latent(1, 8, 8, seed=2)
+    name = latent_file(lat)
+    ours = server.run(upscale_prompt(name, "zero.safetensors", noise=0, mode="pixel", vae="taesd"))
+    assert ours["status"]["status_str"] == "success", execution_error(ours)
+    stock = server.run({
+        "1": {"class_type": "LoadLatent", "inputs": {"latent": name}},
+        "6": {"class_type": "VAELoader", "inputs": {"vae_name": "taesd"}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["1", 0], "vae": ["6", 0]}},
+        "8": {"class_type": "ImageScale", "inputs": {"image": ["7", 0], "upscale_method": "bilinear",
+                                                     "width": 128, "height": 128, "crop": "disabled"}},
+        "9": {"class_type": "VAEEncode", "inputs": {"pixels": ["8", 0], "vae": ["6", 0]}},
+        "4": {"class_type": "SaveLatent", "inputs": {"samples": ["9", 0], "filename_prefix": "latents/stock"}},
+    })
+    assert stock["status"]["status_str"] == "success", execution_error(stock)
+    a, b = read_latent(server.output_file(ours, "4")), read_latent(server.output_file(stock, "4"))
+    assert a.shape == b.shape == (1, 4, 16, 16)
+    torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-3)
+    latent_mode = read_latent(server.output_file(
+        server.run(upscale_prompt(name, "zero.safetensors", noise=0, mode="latent")), "4"))
+    assert (latent_mode - a).abs().mean() > 0.05  # the two modes really differ
+
+
+def test_batch_index_and_noise_mask_are_kept(server, latent_file):
+    lat = raw_latent(2, 4, 4)
+    prompt = upscale_prompt(latent_file(lat), seed=3)
+    # LatentFromBatch sets batch_index; SetLatentNoiseMask adds a mask at pixel size
+    prompt["10"] = {"class_type": "LatentFromBatch", "inputs": {"samples": ["1", 0], "batch_index": 1,
+                                                                "length": 1}}
+    prompt["3"]["inputs"]["samples"] = ["10", 0]
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    single = read_latent(server.output_file(entry, "4"))
+    both = read_latent(server.output_file(server.run(upscale_prompt(latent_file(lat), seed=3)), "4"))
+    torch.testing.assert_close(single[0], both[1], atol=1e-5, rtol=1e-5)
+
+
+def test_cascade_two_upscales(server, latent_file):
+    prompt = upscale_prompt(latent_file(raw_latent(1, 4, 6)))
+    prompt["7"] = {"class_type": "FMBoostLatentUpscale",
+                   "inputs": {"cfm_model": ["2", 0], "samples": ["3", 0], "noise_augmentation": -1, "seed": 0,
+                              "upsampling": "latent"}}
+    prompt["4"]["inputs"]["samples"] = ["7", 0]
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    assert read_latent(server.output_file(entry, "4")).shape == (1, 4, 16, 24)
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("pixel_without_vae", "pixel up-sampling needs a VAE"),
+    ("sd3_latent", "16 channels"),
+    ("not_cfm", "not_cfm.safetensors: not a CFM checkpoint"),
+    ("truncated", "truncated.safetensors: not a readable safetensors file"),
+    ("nan", "NaN or Inf"),
+    ("dopri_cap", "used its 6 network evaluations"),
+])
+def test_errors_are_reported_as_execution_errors(server, latent_file, case, needle):
+    lat = raw_latent(1, 8, 8)
+    kw = {}
+    if case == "pixel_without_vae":
+        kw["mode"] = "pixel"
+    elif case == "sd3_latent":
+        lat = torch.randn(1, 16, 8, 8)
+    elif case in ("not_cfm", "truncated"):
+        kw["ckpt"] = f"{case}.safetensors"
+    elif case == "nan":
+        lat[0, 0, 0, 0] = float("nan")
+    elif case == "dopri_cap":
+        kw["solver"] = solver("dopri5", atol=1e-8, rtol=1e-8, max_evals=6)
+    entry = server.run(upscale_prompt(latent_file(lat), **kw))
+    err = execution_error(entry)
+    assert entry["status"]["status_str"] == "error" and err is not None
+    assert needle in err["exception_message"]
+    # the server stays usable
+    ok = server.run(upscale_prompt(latent_file(raw_latent(1, 4, 4))))
+    assert ok["status"]["status_str"] == "success"
+
+
+def test_invalid_widget_values_are_refused_before_running(server, latent_file):
+    with pytest.raises(PromptRejected) as e:
+        server.run(upscale_prompt(latent_file(raw_latent(1, 4, 4)), solver=solver(steps=0)))
+    assert e.value.status == 400 and "steps" in str(e.value)
+
+def test_paths_outside_the_model_folders_are_refused(server, latent_file):
+    secret = server.base / "secret.safetensors"
+    secret.write_bytes((server.base / "models/cfm/tiny.safetensors").read_bytes())
+    for name in ("../../secret.safetensors", str(secret)):
+        try:
+            entry = server.run(upscale_prompt(latent_file(raw_latent(1, 4, 4)), ckpt=name))
+        except PromptRejected as e:  # refused by ComfyUI's own validation
+            assert e.status == 400
+            continue
+        err = execution_error(entry)
+        assert entry["status"]["status_str"] == "error" and "is not in models/cfm" in err["exception_message"]

@@ -1,0 +1,66 @@
+"""Helpers for the server tests: models the tests make, prompt builders, reading outputs."""
+from __future__ import annotations
+
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from support import FIXTURES, SHARED
+from fmboost.models import MethodSettings, UNetConfig, save_checkpoint
+from fmboost.models.unet import CFMUNet
+
+TINY = UNetConfig(model_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(2,),
+                  num_heads=2, dim_head=16)
+TINY_METHOD = MethodSettings(noise_step=300, upsampling_mode="latent", low_res=16, high_res=32)
+
+
+def tiny_state(seed=0, zero_velocity=False):
+    torch.manual_seed(seed)
+    net = CFMUNet(TINY)
+    if zero_velocity:
+        torch.nn.init.zeros_(net.out[2].weight)
+        torch.nn.init.zeros_(net.out[2].bias)
+    return net.state_dict()
+
+
+def make_models(models_dir):
+    cfm = models_dir / "cfm"
+    save_checkpoint(cfm / "tiny.safetensors", tiny_state(), TINY, TINY_METHOD, dtype=None)
+    save_checkpoint(cfm / "zero.safetensors", tiny_state(zero_velocity=True), TINY, TINY_METHOD, dtype=None)
+    shutil.copy(FIXTURES / "small_checkpoint_lightning.ckpt", cfm / "authors_small.ckpt")
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)},
+              cfm / "not_cfm.safetensors")
+    (cfm / "truncated.safetensors").write_bytes((cfm / "tiny.safetensors").read_bytes()[:5000])
+    for part in ("encoder", "decoder"):
+        shutil.copy(SHARED / "weights" / "taesd" / f"taesd_{part}.safetensors", models_dir / "vae_approx")
+
+
+def read_latent(path) -> torch.Tensor:
+    data = load_file(path)
+    assert "latent_format_version_0" in data  # SaveLatent stores raw latents
+    return data["latent_tensor"]
+
+
+def upscale_prompt(latent_name, ckpt="tiny.safetensors", *, seed=0, noise=-1, mode="latent", solver=None,
+                   vae=None, weights="ema", dtype="fp32"):
+    prompt = {
+        "1": {"class_type": "LoadLatent", "inputs": {"latent": latent_name}},
+        "2": {"class_type": "FMBoostLoadCFMModel",
+              "inputs": {"ckpt_name": ckpt, "weight_dtype": dtype, "weights": weights}},
+        "3": {"class_type": "FMBoostLatentUpscale",
+              "inputs": {"cfm_model": ["2", 0], "samples": ["1", 0], "noise_augmentation": noise, "seed": seed,
+                         "upsampling": mode}},
+        "4": {"class_type": "SaveLatent", "inputs": {"samples": ["3", 0], "filename_prefix": "latents/cfm"}},
+    }
+    if solver is not None:
+        prompt["5"] = {"class_type": "FMBoostSolverSettings", "inputs": solver}
+        prompt["3"]["inputs"]["solver"] = ["5", 0]
+    if vae is not None:
+        prompt["6"] = {"class_type": "VAELoader", "inputs": {"vae_name": vae}}
+        prompt["3"]["inputs"]["vae"] = ["6", 0]
+    return prompt
+
+
+def solver(method="euler", steps=8, atol=1e-5, rtol=1e-3, max_evals=200):
+    return {"method": method, "steps": steps, "atol": atol, "rtol": rtol, "max_evals": max_evals}
