@@ -32,8 +32,24 @@ def make_models(models_dir):
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)},
               cfm / "not_cfm.safetensors")
     (cfm / "truncated.safetensors").write_bytes((cfm / "tiny.safetensors").read_bytes()[:5000])
+    # the example workflows' model names; the SD ones are empty files, enough for validation only
+    shutil.copy(cfm / "tiny.safetensors", cfm / "fmboost-sd15-x2.safetensors")
+    for folder, name in (("checkpoints", "v1-5-pruned-emaonly.safetensors"),
+                         ("loras", "lcm-lora-sdv1-5.safetensors")):
+        (models_dir / folder).mkdir(parents=True, exist_ok=True)
+        (models_dir / folder / name).write_bytes(b"")
     for part in ("encoder", "decoder"):
         shutil.copy(SHARED / "weights" / "taesd" / f"taesd_{part}.safetensors", models_dir / "vae_approx")
+
+
+def make_example_image(path, size=(96, 64)):
+    """A smooth test image with some structure (what LoadImage in the example workflow reads)."""
+    import numpy as np
+    from PIL import Image
+    h, w = size[1], size[0]
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    rgb = np.stack([np.sin(6 * x) * 0.5 + 0.5, np.cos(5 * y) * 0.5 + 0.5, (x + y) / 2], -1)
+    Image.fromarray((rgb * 255).astype("uint8")).save(path)
 
 
 def read_latent(path) -> torch.Tensor:

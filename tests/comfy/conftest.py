@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from comfy_support import make_models
+from comfy_support import make_example_image, make_models
 from comfyui_server import ComfyServer
 
 
@@ -14,6 +14,7 @@ def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_base")
     srv = ComfyServer(base, extra_args=["--preview-method", "latent2rgb"])
     make_models(base / "models")
+    make_example_image(base / "input" / "fmboost_example.png")
     srv.start()
     yield srv
     srv.stop()
