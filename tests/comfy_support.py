@@ -32,6 +32,11 @@ def make_models(models_dir):
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)},
               cfm / "not_cfm.safetensors")
     (cfm / "truncated.safetensors").write_bytes((cfm / "tiny.safetensors").read_bytes()[:5000])
+    # the authors' bare state dict, in the other model folder, with its architecture in a sidecar json
+    upscalers = models_dir / "latent_upscale_models"
+    upscalers.mkdir(parents=True, exist_ok=True)
+    shutil.copy(FIXTURES / "small_net.safetensors", upscalers / "authors_small_net.safetensors")
+    shutil.copy(FIXTURES / "small_config.json", upscalers / "authors_small_net.json")
     # the example workflows' model names; the SD ones are empty files, enough for validation only
     shutil.copy(cfm / "tiny.safetensors", cfm / "fmboost-sd15-x2.safetensors")
     for folder, name in (("checkpoints", "v1-5-pruned-emaonly.safetensors"),

@@ -172,3 +172,26 @@ def test_paths_outside_the_model_folders_are_refused(server, latent_file):
             continue
         err = execution_error(entry)
         assert entry["status"]["status_str"] == "error" and "is not in models/cfm" in err["exception_message"]
+
+
+def test_bare_state_dict_with_sidecar_in_latent_upscale_models(server, latent_file):
+    """small_net.safetensors (the EMA weights, no metadata) + its config beside it == the .ckpt's EMA weights."""
+    name = latent_file(raw_latent(1, 8, 8, seed=9))
+    a = server.run(upscale_prompt(name, "authors_small_net.safetensors", seed=2, noise=400))
+    b = server.run(upscale_prompt(name, "authors_small.ckpt", seed=2, noise=400, weights="ema"))
+    assert a["status"]["status_str"] == b["status"]["status_str"] == "success", execution_error(a)
+    torch.testing.assert_close(read_latent(server.output_file(a, "4")), read_latent(server.output_file(b, "4")),
+                               atol=0, rtol=0)
+
+
+def test_half_precision_weights(server, latent_file):
+    name = latent_file(raw_latent(1, 8, 8, seed=6))
+    outs = {}
+    for dtype in ("fp32", "bf16", "auto"):
+        entry = server.run(upscale_prompt(name, seed=4, dtype=dtype))
+        assert entry["status"]["status_str"] == "success", execution_error(entry)
+        outs[dtype] = read_latent(server.output_file(entry, "4"))
+    assert outs["bf16"].dtype == torch.float32  # the ODE state and the output stay fp32
+    diff = (outs["bf16"] - outs["fp32"]).abs()
+    assert 0 < diff.max() and diff.mean() < 0.05 * outs["fp32"].abs().mean()
+    assert torch.equal(outs["auto"], outs["fp32"])  # auto is fp32 on the CPU
