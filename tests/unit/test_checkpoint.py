@@ -64,7 +64,7 @@ def test_convert_lightning_ckpt(fixtures_dir, tmp_path):
 def test_converter_command(fixtures_dir, tmp_path):
     import subprocess
     import sys
-    from conftest import REPO
+    from support import REPO
     dst = tmp_path / "c.safetensors"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_checkpoint.py"),
                            str(fixtures_dir / "small_checkpoint_lightning.ckpt"), str(dst)],
@@ -176,6 +176,7 @@ def test_code_in_a_pickle_never_runs(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_code_in_a_plain_pickle_never_runs(tmp_path):
     marker = tmp_path / "pwned2"
     (tmp_path / "old.ckpt").write_bytes(pickle.dumps({"x": _RunsCode(str(marker))}))
