@@ -32,10 +32,12 @@ class Progress:
     rows: slice = field(repr=False)   # batch rows this evaluation covered
     crop: tuple[int, int] = (0, 0)
 
-    def preview(self) -> torch.Tensor:
-        """Predicted result (scaled latent, cropped to the output size) of the rows being integrated."""
+    def preview(self, rows: int = 1) -> torch.Tensor:
+        """Predicted result (scaled latent, cropped to the output size) of the first `rows` rows being
+        integrated: one Euler jump to t=1 from the current state."""
         h, w = self.crop
-        return self.info.predicted_target()[..., :h, :w]
+        x, v = self.info.x[:rows, :, :h, :w], self.info.v[:rows, :, :h, :w]
+        return x + (1.0 - self.info.t) * v
 
 
 @dataclass(frozen=True)

@@ -49,3 +49,10 @@ def make_source(z_scaled: torch.Tensor, mode: str, scale_factor: float, vae: Pix
             f"the VAE does not fit this model: it encoded {tuple(pixels.shape)} pixels to a latent of "
             f"{tuple(z_up.shape)}, expected {(b, c, *out_size)}")
     return z_up
+
+
+def upsample_mask(mask: torch.Tensor, factor: int = 2) -> torch.Tensor:
+    """A LATENT's noise_mask, (H, W), (B, H, W) or (B, 1, H, W), with its last two dims scaled by factor."""
+    shape = mask.shape
+    m = bilinear(mask.reshape(-1, 1, *shape[-2:]).float(), (shape[-2] * factor, shape[-1] * factor))
+    return m.reshape(*shape[:-2], *m.shape[-2:])

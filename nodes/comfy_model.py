@@ -113,5 +113,5 @@ class ProgressReporter:
         mm.throw_exception_if_processing_interrupted()
         preview = None
         if self.previewer is not None:
-            preview = self.previewer.decode_latent_to_preview_image("JPEG", progress.preview()[:1].float())
+            preview = self.previewer.decode_latent_to_preview_image("JPEG", progress.preview(rows=1).float())
         self.bar.update_absolute(progress.nfe, progress.planned, preview)

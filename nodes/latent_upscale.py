@@ -2,24 +2,17 @@ from __future__ import annotations
 
 import time
 
+import comfy.model_management as mm
 import torch
-import torch.nn.functional as F
 from comfy_api.latest import io
 
 from ..flow import MODES, EvaluationBudgetExceeded, InputError, UpscaleSettings, upscale
+from ..flow.source import upsample_mask
 from .comfy_model import CFMModel, ComfyVAE, ProgressReporter
 from .socket_types import CFMModelType, CFMSolverType
 from .solver_settings import DEFAULT_SOLVER
 
 MODEL_DEFAULT = -1
-
-
-def upscale_mask(mask: torch.Tensor, factor: int = 2) -> torch.Tensor:
-    """noise_mask may be (H, W), (B, H, W) or (B, 1, H, W); keep its layout, scale its last two dims."""
-    shape = mask.shape
-    m = mask.reshape(-1, 1, *shape[-2:]).float()
-    m = F.interpolate(m, scale_factor=factor, mode="bilinear", align_corners=False)
-    return m.reshape(*shape[:-2], *m.shape[-2:])
 
 
 class CFMLatentUpscale(io.ComfyNode):
@@ -80,9 +73,9 @@ class CFMLatentUpscale(io.ComfyNode):
         except (InputError, EvaluationBudgetExceeded, ValueError) as e:
             raise ValueError(f"CFM Latent Upscale: {e}") from None
         result = {k: v for k, v in samples.items() if k not in ("samples", "noise_mask")}
-        result["samples"] = out.to(latent.device if latent.device.type == "cpu" else "cpu")
+        result["samples"] = out.to(mm.intermediate_device())
         if samples.get("noise_mask") is not None:
-            result["noise_mask"] = upscale_mask(samples["noise_mask"])
+            result["noise_mask"] = upsample_mask(samples["noise_mask"])
         seconds = time.perf_counter() - started
         info = {"input": list(shape), "output": list(result["samples"].shape), "seconds": round(seconds, 3),
                 "evaluations": reporter.bar.current}

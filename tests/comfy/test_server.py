@@ -101,10 +101,10 @@ def test_pixel_mode_with_taesd_equals_decode_resize_encode(server, latent_file):
     assert (latent_mode - a).abs().mean() > 0.05  # the two modes really differ
 
 
-def test_batch_index_and_noise_mask_are_kept(server, latent_file):
+def test_batch_index_selects_the_same_noise_as_in_the_batch(server, latent_file):
     lat = raw_latent(2, 4, 4)
     prompt = upscale_prompt(latent_file(lat), seed=3)
-    # LatentFromBatch sets batch_index; SetLatentNoiseMask adds a mask at pixel size
+    # LatentFromBatch sets batch_index: the picked item must get the noise it had in the batch
     prompt["10"] = {"class_type": "LatentFromBatch", "inputs": {"samples": ["1", 0], "batch_index": 1,
                                                                 "length": 1}}
     prompt["3"]["inputs"]["samples"] = ["10", 0]

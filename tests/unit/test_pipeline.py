@@ -143,8 +143,27 @@ def test_callback_exception_stops_within_one_evaluation(net):
 def test_progress_reports_plan_and_preview(net):
     seen = []
     upscale(net, raw_latent(2, 5, 5), settings(solver=SolverSettings("heun", steps=2)),
-            on_progress=lambda p: seen.append((p.nfe, p.planned, tuple(p.preview().shape))))
+            on_progress=lambda p: seen.append((p.nfe, p.planned, tuple(p.preview(rows=2).shape))))
     assert seen == [(i, 4, (2, 4, 10, 10)) for i in range(1, 5)]
+
+
+def test_preview_is_one_euler_jump_to_the_end():
+    from fmboost.flow.pipeline import Progress
+    from fmboost.flow.solvers import EvalInfo
+    x, v = torch.ones(2, 4, 6, 6), torch.full((2, 4, 6, 6), 2.0)
+    p = Progress(1, 4, EvalInfo(1, torch.tensor(0.25), x, v), slice(0, 2), (5, 5))
+    assert p.preview().shape == (1, 4, 5, 5)
+    torch.testing.assert_close(p.preview(), torch.full((1, 4, 5, 5), 1 + 0.75 * 2))
+
+
+@pytest.mark.parametrize("shape", [(8, 6), (2, 8, 6), (2, 1, 8, 6)])
+def test_noise_mask_keeps_its_layout(shape):
+    from fmboost.flow.source import upsample_mask
+    mask = torch.zeros(shape)
+    mask[..., :4, :] = 1.0
+    up = upsample_mask(mask)
+    assert up.shape == (*shape[:-2], 16, 12)
+    assert up[..., :7, :].min() == 1.0 and up[..., 9:, :].max() == 0.0
 
 
 @pytest.mark.parametrize("bad,needle", [
