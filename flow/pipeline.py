@@ -92,8 +92,10 @@ def upscale(network: Network, latent: torch.Tensor, settings: UpscaleSettings, *
             vae: Optional[PixelVAE] = None, batch_index: Optional[Sequence[int]] = None,
             noise: Optional[torch.Tensor] = None, latent_channels: int = 4,
             on_progress: Optional[Callable[[Progress], None]] = None,
-            device: torch.device | str | None = None) -> torch.Tensor:
-    """Raw VAE latent (B, C, h, w) → raw VAE latent (B, C, 2h, 2w), float32 on `device`."""
+            device: torch.device | str | None = None, max_batch: Optional[int] = None) -> torch.Tensor:
+    """Raw VAE latent (B, C, h, w) → raw VAE latent (B, C, 2h, 2w), float32 on `device`.
+
+    `max_batch` caps how many items are integrated together (memory); items are independent either way."""
     check_latent(latent, latent_channels)
     step = check_step(settings.noise_step)
     device = torch.device(device) if device is not None else latent.device
@@ -118,8 +120,9 @@ def upscale(network: Network, latent: torch.Tensor, settings: UpscaleSettings, *
     solver = settings.solver
     # Adaptive step control measures the error over the whole tensor, so items would steer each other's
     # steps; run them one at a time to keep every item independent of its batch.
-    chunks = [slice(i, i + 1) for i in range(b)] if solver.adaptive else [slice(0, b)]
-    planned = solver.planned_evals() * len(chunks)
+    size = 1 if solver.adaptive else max(1, min(b, max_batch or b))
+    chunks = [slice(i, min(i + size, b)) for i in range(0, b, size)]
+    planned = solver.planned_evals() * len(chunks)  # progress counts evaluations of each chunk
     done = 0
     results = []
     for rows in chunks:

@@ -75,14 +75,25 @@ class CFMModel:
         return cls(name, patcher, net_config, method, dtype)
 
     def activation_bytes(self, batch: int, height: int, width: int) -> int:
-        # Rough peak of the UNet's activations and skips at the output size; enough for ComfyUI to free
-        # other models' memory first.
+        # Working memory of one evaluation at the output size: activations, skips and ODE state. 256 bytes
+        # per (latent pixel × model channel × element byte) sits between the measured peak and the total
+        # allocation of the authors' network (≈460 at 64², fp32, CPU).
         elem = torch.finfo(self.dtype).bits // 8
-        return int(batch * height * width * self.net_config.model_channels * 64 * elem)
+        return int(batch * height * width * self.net_config.model_channels * 256 * elem)
 
     def load(self, batch: int, height: int, width: int):
-        mm.load_models_gpu([self.patcher], memory_required=self.activation_bytes(batch, height, width))
-        return self.patcher.model, self.patcher.load_device
+        """Load to the device (ComfyUI frees other models as needed); returns (network, device, max_batch)."""
+        per_item = self.activation_bytes(1, height, width)
+        mm.load_models_gpu([self.patcher], memory_required=per_item * batch)
+        device = self.patcher.load_device
+        free = mm.get_free_memory(device)
+        max_batch = int(0.9 * free // per_item)
+        if max_batch < 1:
+            raise MemoryError(
+                f"a {height // 2}×{width // 2} latent needs about {per_item / 2**30:.1f} GiB of working memory to "
+                f"upscale with this model, but only {free / 2**30:.1f} GiB are free on {device}: upscale a "
+                "smaller latent (tiled upscaling of large latents is planned)")
+        return self.patcher.model, device, min(batch, max_batch)
 
 
 class ComfyVAE:
@@ -93,8 +104,11 @@ class ComfyVAE:
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         pixels = self.vae.decode(latent)
-        if pixels.ndim == 5:  # video VAEs return (B, T, H, W, C)
-            raise ValueError("the connected VAE is a video VAE; use an SD1.x VAE (or TAESD) for pixel mode")
+        # A real image VAE gives RGB larger than the latent; video VAEs give 5-D, "pixel_space" the latent itself.
+        if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.shape[1] <= latent.shape[-2]:
+            raise ValueError(
+                f"the VAE does not fit this model: it decoded a {tuple(pixels.shape)} tensor from a "
+                f"{tuple(latent.shape)} latent; pixel mode needs the SD1.x VAE (or TAESD) that made the latent")
         return pixels.movedim(-1, 1)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 from comfy_api.latest import io
 
 from ..flow import MODES, EvaluationBudgetExceeded, InputError, UpscaleSettings, upscale
+from ..flow.pipeline import check_latent
 from ..flow.source import upsample_mask
 from .comfy_model import CFMModel, ComfyVAE, ProgressReporter
 from .socket_types import CFMModelType, CFMSolverType
@@ -59,24 +60,32 @@ class CFMLatentUpscale(io.ComfyNode):
                              "(the VAE that made the latent), or choose latent up-sampling")
         settings = UpscaleSettings(scale_factor=cfm_model.method.scale_factor, mode=upsampling, noise_step=step,
                                    seed=seed, solver=solver, size_multiple=cfm_model.net_config.size_multiple)
-        shape = tuple(latent.shape)
-        batch, height, width = (shape[0], shape[-2] * 2, shape[-1] * 2) if latent.ndim >= 2 else (1, 1, 1)
         started = time.perf_counter()
         try:
-            network, device = cfm_model.load(batch, height, width)
-            reporter = ProgressReporter(device, solver.planned_evals() * (batch if solver.adaptive else 1))
+            # Bad input is reported before the model is moved to the device or any memory is taken.
+            check_latent(latent, cfm_model.net_config.latent_channels)
+            batch, height, width = latent.shape[0], latent.shape[-2] * 2, latent.shape[-1] * 2
+            network, device, max_batch = cfm_model.load(batch, height, width)
+            reporter = ProgressReporter(device, solver.planned_evals())
             with torch.inference_mode():
                 out = upscale(network, latent, settings, vae=ComfyVAE(vae) if vae is not None else None,
                               batch_index=samples.get("batch_index"),
                               latent_channels=cfm_model.net_config.latent_channels,
-                              on_progress=reporter, device=device)
-        except (InputError, EvaluationBudgetExceeded, ValueError) as e:
+                              on_progress=reporter, device=device, max_batch=max_batch)
+        except (InputError, EvaluationBudgetExceeded, ValueError, MemoryError) as e:
             raise ValueError(f"CFM Latent Upscale: {e}") from None
+        except mm.OOM_EXCEPTION:
+            oom = True
+        else:
+            oom = False
+        if oom:  # raised outside the handler, so the failed run's tensors can be freed first
+            mm.soft_empty_cache()
+            raise MemoryError("CFM Latent Upscale: the device ran out of memory; upscale a smaller batch or latent")
         result = {k: v for k, v in samples.items() if k not in ("samples", "noise_mask")}
         result["samples"] = out.to(mm.intermediate_device())
         if samples.get("noise_mask") is not None:
             result["noise_mask"] = upsample_mask(samples["noise_mask"])
         seconds = time.perf_counter() - started
-        info = {"input": list(shape), "output": list(result["samples"].shape), "seconds": round(seconds, 3),
+        info = {"input": list(latent.shape), "output": list(result["samples"].shape), "seconds": round(seconds, 3),
                 "evaluations": reporter.bar.current}
         return io.NodeOutput(result, ui={"fmboost": [info]})

@@ -15,6 +15,16 @@ TINY = UNetConfig(model_channels=32, num_res_blocks=1, channel_mult=(1, 2), atte
 TINY_METHOD = MethodSettings(noise_step=300, upsampling_mode="latent", low_res=16, high_res=32)
 
 
+class RunsCodeIfUnpickled:
+    """A pickle payload that would create a file if anything ever unpickled it with code execution."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 def tiny_state(seed=0, zero_velocity=False):
     torch.manual_seed(seed)
     net = CFMUNet(TINY)
@@ -32,6 +42,17 @@ def make_models(models_dir):
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)},
               cfm / "not_cfm.safetensors")
     (cfm / "truncated.safetensors").write_bytes((cfm / "tiny.safetensors").read_bytes()[:5000])
+    # broken and hostile checkpoints
+    shutil.copy(SHARED / "weights" / "sd-latent-upscaler-city96" / "latent-upscaler-v2.1_SDv1-x2.0.safetensors",
+                cfm / "other_architecture.safetensors")
+    state = tiny_state()
+    state.pop("middle_block.0.in_layers.2.weight")
+    state["extra.weight"] = torch.zeros(1)
+    save_checkpoint(cfm / "wrong_keys.safetensors", state, TINY, TINY_METHOD, dtype=None)
+    save_file(tiny_state(), cfm / "bad_metadata.safetensors",
+              metadata={"fmboost.format": "fmboost-cfm", "fmboost.net_config": '{"model_channels": "many"'})
+    torch.save({"state_dict": {f"model.net.{k}": v for k, v in tiny_state().items()},
+                "payload": RunsCodeIfUnpickled(str(models_dir.parent / "PWNED"))}, cfm / "hostile.ckpt")
     # the authors' bare state dict, in the other model folder, with its architecture in a sidecar json
     upscalers = models_dir / "latent_upscale_models"
     upscalers.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,15 @@ def test_batch_items_equal_single_runs(net):
         torch.testing.assert_close(batch[i:i + 1], alone, atol=1e-5, rtol=1e-5)
 
 
+def test_max_batch_splits_without_changing_results(net):
+    lat = raw_latent(5, 6, 6)
+    seen = []
+    whole = upscale(net, lat, settings())
+    split = upscale(net, lat, settings(), max_batch=2, on_progress=lambda p: seen.append((p.rows, p.planned)))
+    torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-5)
+    assert [r for r, _ in seen[::2]] == [slice(0, 2), slice(2, 4), slice(4, 5)] and seen[0][1] == 6
+
+
 def test_adaptive_batch_items_equal_single_runs(net):
     lat = raw_latent(2, 4, 4)
     s = settings(solver=SolverSettings("dopri5", atol=1e-4, rtol=1e-3, max_evals=300))
@@ -212,3 +221,4 @@ class StubVAE:
 def test_pixel_mode_refuses_a_vae_of_another_family():
     with pytest.raises(ValueError, match="VAE does not fit this model"):
         make_source(torch.zeros(1, 4, 4, 4), "pixel", 0.18215, StubVAE())
+
