@@ -169,6 +169,8 @@ class AttentionBlock(nn.Module):
 class CFMUNet(nn.Module):
     """Velocity network v(x, t | context). Parameter names follow the authors' `EfficientUNet`."""
 
+    grad_checkpointing = False  # training: recompute block activations in backward to save memory
+
     def __init__(self, config: UNetConfig):
         super().__init__()
         config.check()
@@ -229,9 +231,15 @@ class CFMUNet(nn.Module):
         h = torch.cat([x, context], dim=1).to(dtype)
         skips = []
         for block in self.input_blocks:
-            h = block(h, emb)
+            h = self._run(block, h, emb)
             skips.append(h)
-        h = self.middle_block(h, emb)
+        h = self._run(self.middle_block, h, emb)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h).to(x.dtype)
+
+    def _run(self, block, h, emb):
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+            return checkpoint(block, h, emb, use_reentrant=False)
+        return block(h, emb)

@@ -1,0 +1,1 @@
+"""Training CFM models (pure torch; no ComfyUI): latent-pair cache, the training loop, validation metrics."""

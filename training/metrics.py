@@ -1,0 +1,55 @@
+"""Image-quality metrics for validation and the benchmark. Images are (B, 3, H, W) in [0, 1]."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def luma(img: torch.Tensor) -> torch.Tensor:
+    """BT.601 luma in [0, 1], (B, 1, H, W)."""
+    r, g, b = img[:, 0:1], img[:, 1:2], img[:, 2:3]
+    return 0.299 * r + 0.587 * g + 0.114 * b
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) on luma."""
+    mse = ((luma(a) - luma(b)) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return -10 * torch.log10(mse)
+
+
+def _gaussian_window(size=11, sigma=1.5, device=None):
+    x = torch.arange(size, dtype=torch.float64, device=device) - size // 2
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    g = (g / g.sum()).float()
+    return (g[:, None] * g[None, :])[None, None]
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM on luma (Wang et al. 2004: 11×11 Gaussian, σ=1.5, K1=0.01, K2=0.03, range 1)."""
+    x, y = luma(a).double(), luma(b).double()
+    w = _gaussian_window(device=x.device).double()
+    mu_x, mu_y = F.conv2d(x, w), F.conv2d(y, w)
+    sxx = F.conv2d(x * x, w) - mu_x ** 2
+    syy = F.conv2d(y * y, w) - mu_y ** 2
+    sxy = F.conv2d(x * y, w) - mu_x * mu_y
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(1).float()
+
+
+def high_frequency_energy(img: torch.Tensor, cutoff: float = 0.25) -> torch.Tensor:
+    """Spectral energy of luma above `cutoff` cycles/pixel (the band a 2× upscale must invent), per image."""
+    y = luma(img)[:, 0].double()
+    y = y - y.mean(dim=(-2, -1), keepdim=True)
+    h, w = y.shape[-2:]
+    win = torch.outer(torch.hann_window(h, dtype=torch.float64), torch.hann_window(w, dtype=torch.float64))
+    spec = torch.fft.fft2(y * win.to(y.device)).abs() ** 2
+    fy = torch.fft.fftfreq(h, device=y.device).abs()[:, None]
+    fx = torch.fft.fftfreq(w, device=y.device).abs()[None, :]
+    mask = torch.sqrt(fy ** 2 + fx ** 2) > cutoff
+    return (spec * mask).flatten(1).sum(1).float()
+
+
+def detail_ratio(result: torch.Tensor, truth: torch.Tensor, cutoff: float = 0.25) -> torch.Tensor:
+    """High-frequency energy of the result over that of the ground truth: 1.0 is ideal, blur falls below."""
+    return high_frequency_energy(result, cutoff) / high_frequency_energy(truth, cutoff).clamp_min(1e-12)

@@ -1,0 +1,303 @@
+"""Training a CFM model (or the paper's regression baseline) on cached latent pairs.
+
+Flow matching as the authors: x0 = q_sample(source, k, ε), x_t = t·x1 + (1−t)·x0, t ~ U(0, 1),
+loss = ‖v(x_t, t | source) − (x1 − x0)‖². The regression baseline predicts x1 from the source in one pass.
+
+Resumable: `run_dir/last.pt` (network, EMA, optimizer, step, RNG) is written atomically every `save_every`
+steps and when interrupted; a new run with the same run_dir continues from it. Multi-GPU: launched by
+`torchrun`, each rank draws its own samples; rank 0 validates and writes files.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..flow import SolverSettings, UpscaleSettings, q_sample, upscale
+from ..models import MethodSettings, UNetConfig, save_checkpoint
+from ..models.unet import CFMUNet
+from . import metrics
+from .data import PairCache, build_cache, load_rgb, scan_images
+
+
+@dataclass
+class TrainConfig:
+    images: str
+    out: str
+    run_dir: str
+    vae: str
+    val_images: str | None = None
+    crop: int = 128
+    crops_per_image: int = 4
+    net: dict = field(default_factory=lambda: dict(model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2,
+                                                   attention_resolutions=[4], num_heads=4, dim_head=32))
+    mode: str = "pixel"
+    noise_step: int = 400
+    objective: str = "cfm"          # cfm | regression
+    batch: int = 32
+    lr: float = 2e-4
+    warmup: int = 500
+    weight_decay: float = 0.0
+    steps: int = 20000
+    ema: float = 0.999
+    grad_clip: float = 1.0
+    precision: str = "fp32"         # fp32 | bf16 | fp16 (autocast; GPU)
+    grad_checkpointing: bool = False
+    val_every: int = 1000
+    val_count: int = 8
+    save_every: int = 250
+    seed: int = 0
+    max_minutes: float | None = None
+
+
+class EMA:
+    def __init__(self, net: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(net).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, net: torch.nn.Module, step: int):
+        # Warm-up of the decay (as in many EMA implementations) so early averages are not dominated by init.
+        d = min(self.decay, (1 + step) / (10 + step))
+        for e, p in zip(self.model.parameters(), net.parameters()):
+            e.lerp_(p.detach(), 1 - d)
+
+
+def _dist():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world
+
+
+def _barrier(world):
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def load_training_vae(spec: str):
+    """A VAE for building pairs. Today: a TAESD folder (taesd_encoder/decoder.safetensors)."""
+    from ..models.taesd import TAESD
+    p = Path(spec)
+    if p.is_dir() and (p / "taesd_encoder.safetensors").exists():
+        enc = __import__("safetensors.torch", fromlist=["load_file"]).load_file(p / "taesd_encoder.safetensors")
+        out_ch = enc["14.weight"].shape[0] if "14.weight" in enc else None
+        if out_ch != 4:
+            raise ValueError(f"{spec}: this TAESD has {out_ch} latent channels; FMBoost models work in the "
+                             "4-channel SD1.x latent space (use taesd, not taesdxl3/taef1)")
+        return TAESD.from_folder(p), f"taesd:{p.name}"
+    raise ValueError(f"{spec}: not a TAESD folder (expected taesd_encoder.safetensors and taesd_decoder.safetensors)")
+
+
+def _lr_at(step, cfg):
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+
+
+def _save_atomic(obj, path: Path):
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _method(cfg: TrainConfig) -> MethodSettings:
+    return MethodSettings(scale_factor=0.18215, upsampling_mode=cfg.mode, noise_step=cfg.noise_step,
+                          low_res=cfg.crop // 16, high_res=cfg.crop // 8, latent_family="sd1")
+
+
+def export(cfg: TrainConfig, ema_net, step: int, extra: dict | None = None):
+    info = {"objective": cfg.objective, "steps": step, "crop": cfg.crop, "batch": cfg.batch, "lr": cfg.lr,
+            "data": os.path.basename(os.path.normpath(cfg.images))}
+    save_checkpoint(cfg.out, ema_net.state_dict(), ema_net.config, _method(cfg), dtype=torch.float16,
+                    extra={"training": json.dumps(info | (extra or {}))})
+
+
+class Validator:
+    """Fixed centre crops of held-out images: CFM (EMA weights) vs latent bilinear, decoded with the same VAE."""
+
+    def __init__(self, cfg: TrainConfig, vae, device):
+        self.cfg, self.vae, self.device = cfg, vae, device
+        report = scan_images(cfg.val_images, cfg.crop)
+        crops = []
+        for p in report.usable[: cfg.val_count]:
+            img = load_rgb(p)
+            _, h, w = img.shape
+            y, x = (h - cfg.crop) // 2, (w - cfg.crop) // 2
+            crops.append(img[:, y:y + cfg.crop, x:x + cfg.crop])
+        self.truth = torch.stack(crops)
+        with torch.inference_mode():
+            from .data import downscale2
+            self.lo_raw = vae.encode(downscale2(self.truth).to(device))
+
+    @torch.inference_mode()
+    def run(self, net, step: int, run_dir: Path) -> dict:
+        cfg = self.cfg
+        net.eval()
+        vae = self.vae
+        if cfg.objective == "cfm":
+            s = UpscaleSettings(mode=cfg.mode, noise_step=cfg.noise_step, seed=0,
+                                solver=SolverSettings("euler", steps=8), size_multiple=net.config.size_multiple)
+            out_raw = upscale(net, self.lo_raw, s, vae=vae, device=self.device)
+        else:
+            src = self._source()
+            out_raw = net(src, torch.zeros((), device=self.device), src) / 0.18215
+        result = vae.decode(out_raw).cpu()
+        bilinear = vae.decode(F.interpolate(self.lo_raw, scale_factor=2, mode="bilinear", align_corners=False)).cpu()
+        low = F.interpolate(vae.decode(self.lo_raw).cpu(), scale_factor=2, mode="nearest")
+        scores = {}
+        for name, img in (("model", result), ("latent_bilinear", bilinear)):
+            scores[name] = {"psnr": metrics.psnr(img, self.truth).mean().item(),
+                            "ssim": metrics.ssim(img, self.truth).mean().item(),
+                            "detail": metrics.detail_ratio(img, self.truth).mean().item()}
+        self._grid([low, bilinear, result, self.truth], run_dir / f"val_{step:07d}.png")
+        (run_dir / f"val_{step:07d}.json").write_text(json.dumps({"step": step, **scores}, indent=1))
+        return scores
+
+    def _source(self):
+        s = 0.18215
+        if self.cfg.mode == "latent":
+            return F.interpolate(self.lo_raw * s, scale_factor=2, mode="bilinear", align_corners=False)
+        from ..flow.source import make_source
+        return make_source(self.lo_raw * s, "pixel", s, self.vae)
+
+    @staticmethod
+    def _grid(columns, path: Path):
+        """Rows: validation images; columns: low-res | latent bilinear | model | ground truth."""
+        from PIL import Image
+        rows = torch.cat([torch.cat(list(col), dim=-2) for col in columns], dim=-1)  # (3, N·H, 4·W)
+        arr = (rows.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        Image.fromarray(arr).save(path)
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    rank, world = _dist()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)
+
+    vae, vae_id = load_training_vae(cfg.vae)
+    vae.to(device)
+    report = scan_images(cfg.images, cfg.crop)
+    if rank == 0:
+        log(f"data: {report.summary()}")
+    if not report.usable:
+        raise ValueError(f"no usable training images in {cfg.images} ({report.summary()})")
+    cache_path = None
+    if rank == 0:
+        cache_path = build_cache(report.usable, vae, vae_id, run_dir / "cache", cfg.crop, cfg.crops_per_image,
+                                 seed=cfg.seed, progress=_cache_progress(log))
+    _barrier(world)
+    if rank != 0:
+        cache_path = build_cache(report.usable, vae, vae_id, run_dir / "cache", cfg.crop, cfg.crops_per_image,
+                                 seed=cfg.seed)  # found, not rebuilt
+    cache = PairCache(cache_path)
+
+    net = CFMUNet(UNetConfig.from_dict(cfg.net)).to(device)
+    net.grad_checkpointing = cfg.grad_checkpointing
+    ema = EMA(net, cfg.ema)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step = 0
+    state_path = run_dir / "last.pt"
+    if state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["net"])
+        ema.model.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step = int(state["step"])
+        torch.set_rng_state(state["rng"])
+        if rank == 0:
+            log(f"resumed from step {step}")
+    ema.model.to(device)
+    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    use_amp = device.type == "cuda" and cfg.precision in ("bf16", "fp16")
+    amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and cfg.precision == "fp16")
+    validator = Validator(cfg, vae, device) if (rank == 0 and cfg.val_images) else None
+
+    def save():
+        if rank != 0:
+            return
+        _save_atomic({"net": net.state_dict(), "ema": ema.model.state_dict(), "opt": opt.state_dict(),
+                      "step": torch.tensor(step), "rng": torch.get_rng_state(),
+                      "config": json.dumps(asdict(cfg))}, state_path)
+        export(cfg, ema.model, step, {"images_seen": step * cfg.batch * world})
+
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + step)
+    started, seen_t, seen_n = time.time(), time.time(), 0
+    bar = _progress_bar(cfg.steps, step, rank)
+    last = {}
+    try:
+        while step < cfg.steps:
+            if cfg.max_minutes and time.time() - started > 60 * cfg.max_minutes:
+                log(f"time budget of {cfg.max_minutes} min reached at step {step}")
+                break
+            idx = torch.randint(len(cache), (cfg.batch,), generator=gen)
+            z1, src = (t.to(device) for t in cache.batch(idx, cfg.mode))
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, cfg)
+            net.train()
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                if cfg.objective == "cfm":
+                    x0 = q_sample(src, cfg.noise_step, torch.randn(z1.shape, generator=gen).to(device))
+                    t = torch.rand(z1.shape[0], generator=gen).to(device)
+                    tb = t[:, None, None, None]
+                    pred = model(tb * z1 + (1 - tb) * x0, t, src)
+                    loss = F.mse_loss(pred.float(), z1 - x0)
+                else:
+                    pred = model(src, torch.zeros(z1.shape[0], device=device), src)
+                    loss = F.mse_loss(pred.float(), z1)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            ema.update(net, step)
+            step += 1
+            seen_n += cfg.batch * world
+            if bar is not None:
+                rate = seen_n / max(1e-6, time.time() - seen_t)
+                bar.set_postfix(loss=f"{loss.item():.4f}", gnorm=f"{grad_norm.item():.2f}", img_s=f"{rate:.1f}")
+                bar.update(1)
+            if step % cfg.save_every == 0:
+                save()
+            if validator is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+                last = validator.run(ema.model, step, run_dir)
+                log(f"step {step}: val {json.dumps(last)}")
+    except KeyboardInterrupt:
+        log(f"interrupted at step {step}; saving")
+    finally:
+        save()
+        if bar is not None:
+            bar.close()
+        if world > 1:
+            torch.distributed.destroy_process_group()
+    return {"step": step, "val": last}
+
+
+def _progress_bar(total, start, rank):
+    if rank != 0:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, mininterval=2.0)
+
+
+def _cache_progress(log):
+    last = [0.0]
+
+    def report(done, total):
+        if time.time() - last[0] > 10 or done == total:
+            last[0] = time.time()
+            log(f"caching latents: {done}/{total} images")
+    return report
