@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""Quality benchmark: 2× upscaling on held-out photos, every method decoded with the same decoder (TAESD).
+
+    .venv/bin/python bench/quality.py --model weights/fmboost-sd15-x2.safetensors --val ../shared/data/photos/val
+
+For each val image: ground truth = centre crop of 2S pixels (long side), low-res = ground truth downscaled ×2
+(antialiased) and encoded. Methods: (a) latent bilinear, (b) pixel-space up-sampling (decode → bilinear →
+encode), (c) bicubic of the decoded low-res image, (d) city96 SD-Latent-Upscaler ×2, (e) the regression
+baseline (when given), (f) CFM at several evaluation counts and noise-augmentation steps; plus the decoder's
+own ceiling (the ground truth encoded and decoded). Metrics: PSNR and SSIM on luma, ColorVideoVDP (JOD), and
+the detail ratio (high-frequency energy of the result / of the ground truth; 1.0 ideal, blur below).
+Writes a section of bench/RESULTS.md and an image grid per size.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from _pack import REPO, load_pack  # noqa: E402
+
+load_pack()
+from fmboost.flow import SolverSettings, UpscaleSettings, upscale  # noqa: E402
+from fmboost.flow.source import make_source  # noqa: E402
+from fmboost.models import load_checkpoint  # noqa: E402
+from fmboost.models.taesd import TAESD  # noqa: E402
+from fmboost.training import metrics  # noqa: E402
+from fmboost.training.data import downscale2, load_rgb, scan_images  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import City96LatentUpscaler  # noqa: E402
+
+
+def centre_crop(img, long_side):
+    _, h, w = img.shape
+    ch = min(h, long_side) // 16 * 16
+    cw = min(w, long_side) // 16 * 16
+    y, x = (h - ch) // 2, (w - cw) // 2
+    return img[:, y:y + ch, x:x + cw]
+
+
+class JOD:
+    """ColorVideoVDP on a standard 4K display model; None when pycvvdp is not installed."""
+
+    def __init__(self):
+        try:
+            import pycvvdp
+            self.metric = pycvvdp.cvvdp(display_name="standard_4k", device=torch.device("cpu"))
+        except Exception as e:  # noqa: BLE001 — reported in the table
+            print(f"ColorVideoVDP unavailable: {e}", file=sys.stderr)
+            self.metric = None
+
+    def __call__(self, result, truth):
+        if self.metric is None:
+            return float("nan")
+        to_u8 = lambda t: (t[0].clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()  # noqa: E731
+        with torch.no_grad():
+            q, _ = self.metric.predict(to_u8(result), to_u8(truth), dim_order="HWC")
+        return float(q)
+
+
+def methods(args, vae, cfm, cfm_ck, city96, regression):
+    """name → function(raw low-res latent) → raw high-res latent."""
+    s = 0.18215
+
+    def cfm_run(solver, step):
+        settings = UpscaleSettings(scale_factor=cfm_ck.method.scale_factor, mode=cfm_ck.method.upsampling_mode,
+                                   noise_step=step, seed=0, solver=solver,
+                                   size_multiple=cfm_ck.net_config.size_multiple)
+        return lambda z: upscale(cfm, z, settings, vae=vae)
+
+    out = {
+        "(a) latent bilinear": lambda z: F.interpolate(z, scale_factor=2, mode="bilinear", align_corners=False),
+        "(b) pixel-space bilinear": lambda z: make_source(z * s, "pixel", s, vae) / s,
+        "(c) bicubic of decoded": None,  # works in pixels, handled separately
+        "(d) city96 ×2": city96,
+    }
+    if regression is not None:
+        reg_net, reg_ck = regression
+
+        def regress(z):
+            src = make_source(z * s, reg_ck.method.upsampling_mode, s, vae)
+            return reg_net(src, torch.zeros(()), src) / s
+        out["(e) regression baseline"] = regress
+    default_step = cfm_ck.method.noise_step
+    for evals in args.evals:
+        out[f"(f) CFM euler {evals} eval{'s' if evals > 1 else ''}, k={default_step}"] = cfm_run(
+            SolverSettings("euler", steps=evals), default_step)
+    out[f"(f) CFM dopri5 adaptive, k={default_step}"] = cfm_run(
+        SolverSettings("dopri5", atol=1e-3, rtol=1e-3, max_evals=200), default_step)
+    for step in args.noise_steps:
+        if step != default_step:
+            out[f"(f) CFM euler {args.sweep_evals} evals, k={step}"] = cfm_run(
+                SolverSettings("euler", steps=args.sweep_evals), step)
+    return out
+
+
+def run_size(args, low_side, images, vae, table_methods, jod, grid_cfm):
+    names = ["TAESD ceiling (GT encoded+decoded)"] + list(table_methods)
+    scores = {n: {"psnr": [], "ssim": [], "jod": [], "detail": [], "seconds": []} for n in names}
+    grid_rows = []
+    for i, path in enumerate(images):
+        truth = centre_crop(load_rgb(path), 2 * low_side)[None]
+        low_px = downscale2(truth)
+        with torch.inference_mode():
+            z_lo = vae.encode(low_px)
+            outputs = {"TAESD ceiling (GT encoded+decoded)": vae.decode(vae.encode(truth))}
+            for name, fn in table_methods.items():
+                started = time.perf_counter()
+                if fn is None:
+                    img = F.interpolate(vae.decode(z_lo), scale_factor=2, mode="bicubic", align_corners=False)
+                else:
+                    img = vae.decode(fn(z_lo))
+                scores[name]["seconds"].append(time.perf_counter() - started)
+                outputs[name] = img.clamp(0, 1)
+        for name, img in outputs.items():
+            scores[name]["psnr"].append(metrics.psnr(img, truth).item())
+            scores[name]["ssim"].append(metrics.ssim(img, truth).item())
+            scores[name]["detail"].append(metrics.detail_ratio(img, truth).item())
+            scores[name]["jod"].append(jod(img, truth))
+        if i < args.grid_images:
+            pick = [F.interpolate(low_px, scale_factor=2, mode="nearest")] + [
+                outputs[n] for n in names if n.startswith(("(a)", "(d)", "(e)"))] + [
+                outputs[grid_cfm], truth]
+            grid_rows.append(torch.cat(pick, dim=-1))
+        print(f"{low_side}→{2 * low_side}: {i + 1}/{len(images)} {path.name}", file=sys.stderr)
+    mean = {n: {k: (sum(v) / len(v) if v else float("nan")) for k, v in d.items()} for n, d in scores.items()}
+    return mean, grid_rows
+
+
+def save_grid(rows, path):
+    from PIL import Image
+    if not rows:
+        return
+    width = max(r.shape[-1] for r in rows)
+    rows = [F.pad(r, (0, width - r.shape[-1])) for r in rows]
+    grid = torch.cat(rows, dim=-2)[0]
+    Image.fromarray((grid.clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
+
+
+def markdown(results, args, model_info, n_images):
+    lines = [f"## Quality: 2× upscaling on held-out photos ({datetime.date.today().isoformat()})", "",
+             f"- machine: {platform.machine()}, {platform.processor() or 'cpu'}, {torch.get_num_threads()} "
+             f"threads; torch {torch.__version__}, Python {platform.python_version()}",
+             f"- model: `{Path(args.model).name}` ({model_info})",
+             f"- data: {n_images} images per size from `{Path(args.val).name}/` (never trained on); all methods "
+             "decoded with the TAESD decoder; seed 0",
+             "- metrics: PSNR/SSIM on luma (higher is better), ColorVideoVDP JOD (standard_4k display, 10 = "
+             "identical), detail = high-frequency energy / ground truth's (1.0 ideal, < 1 blurrier, > 1 noisier)",
+             ""]
+    for size, mean in results.items():
+        lines += [f"### {size}", "", "| method | PSNR dB | SSIM | JOD | detail | s/image |", "|---|---|---|---|---|---|"]
+        for name, m in mean.items():
+            lines.append(f"| {name} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['jod']:.3f} | {m['detail']:.3f} | "
+                         f"{m['seconds']:.2f} |" if m["seconds"] == m["seconds"] else
+                         f"| {name} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['jod']:.3f} | {m['detail']:.3f} | – |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def replace_section(path: Path, marker: str, text: str):
+    """Put `text` in place of the section starting with `marker` (up to the next '## '), keeping the rest."""
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    if marker in old:
+        before, rest = old.split(marker, 1)
+        after = rest[rest.find("\n## "):] if "\n## " in rest else ""
+        new = before.rstrip() + "\n\n" + text.rstrip() + "\n" + after
+    else:
+        new = old.rstrip() + "\n\n" + text.rstrip() + "\n"
+    path.write_text(new)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--regression", help="a regression-baseline checkpoint (objective=regression)")
+    ap.add_argument("--val", required=True)
+    ap.add_argument("--vae", default=str(REPO / "weights" / "taesd"))
+    ap.add_argument("--city96", default=str(REPO.parent / "shared" / "weights" / "sd-latent-upscaler-city96" /
+                                            "latent-upscaler-v2.1_SDv1-x2.0.safetensors"))
+    ap.add_argument("--sizes", default="256,512", help="low-res long sides in pixels (2× each)")
+    ap.add_argument("--count", default="80,16", help="images per size")
+    ap.add_argument("--evals", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
+    ap.add_argument("--noise-steps", type=lambda s: [int(x) for x in s.split(",")], default=[0, 200, 400, 600])
+    ap.add_argument("--sweep-evals", type=int, default=8)
+    ap.add_argument("--grid-images", type=int, default=3)
+    ap.add_argument("--results", default=str(REPO / "bench" / "RESULTS.md"))
+    ap.add_argument("--json", help="also write the raw means here")
+    args = ap.parse_args(argv)
+
+    vae = TAESD.from_folder(args.vae)
+    cfm_ck = load_checkpoint(args.model)
+    cfm = cfm_ck.build_network(torch.float32)
+    city96 = City96LatentUpscaler(args.city96)
+    regression = None
+    if args.regression:
+        reg_ck = load_checkpoint(args.regression)
+        regression = (reg_ck.build_network(torch.float32), reg_ck)
+    table_methods = methods(args, vae, cfm, cfm_ck, city96, regression)
+    jod = JOD()
+    images = scan_images(args.val, 0).usable
+    results, raw = {}, {}
+    sizes = [int(s) for s in args.sizes.split(",")]
+    counts = [int(c) for c in args.count.split(",")]
+    for size, count in zip(sizes, counts):
+        grid_cfm = f"(f) CFM euler {args.sweep_evals} evals, k={cfm_ck.method.noise_step}"
+        mean, grid = run_size(args, size, images[:count], vae, table_methods, jod, grid_cfm)
+        label = f"{size} → {2 * size} px (long side), {min(count, len(images))} images"
+        results[label] = mean
+        raw[label] = mean
+        save_grid(grid, Path(args.results).parent / f"quality_grid_{size}.png")
+    params = sum(v.numel() for v in cfm_ck.state_dict.values())
+    info = (f"{params / 1e6:.2f} M parameters, {cfm_ck.method.upsampling_mode} mode, trained noise step "
+            f"{cfm_ck.method.noise_step}")
+    text = markdown(results, args, info, ", ".join(str(min(c, len(images))) for c in counts))
+    replace_section(Path(args.results), "## Quality:", text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(raw, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
