@@ -86,9 +86,14 @@ def _barrier(world):
 
 
 def load_training_vae(spec: str):
-    """A VAE for building pairs. Today: a TAESD folder (taesd_encoder/decoder.safetensors)."""
+    """A VAE for building pairs: a TAESD folder (taesd_encoder/decoder.safetensors), or an SD1.x VAE
+    `.safetensors` (original/ldm or diffusers layout, or a whole SD1.x checkpoint's first stage)."""
     from ..models.taesd import TAESD
     p = Path(spec)
+    if p.is_file() and p.suffix in (".safetensors", ".sft"):
+        from safetensors.torch import load_file
+        from ..models.autoencoder_kl import AutoencoderKL
+        return AutoencoderKL.from_state_dict(load_file(p), p.name), f"sdvae:{p.name}:{p.stat().st_size}"
     if p.is_dir() and (p / "taesd_encoder.safetensors").exists():
         enc = __import__("safetensors.torch", fromlist=["load_file"]).load_file(p / "taesd_encoder.safetensors")
         out_ch = enc["14.weight"].shape[0] if "14.weight" in enc else None
@@ -96,7 +101,7 @@ def load_training_vae(spec: str):
             raise ValueError(f"{spec}: this TAESD has {out_ch} latent channels; FMBoost models work in the "
                              "4-channel SD1.x latent space (use taesd, not taesdxl3/taef1)")
         return TAESD.from_folder(p), f"taesd:{p.name}"
-    raise ValueError(f"{spec}: not a TAESD folder (expected taesd_encoder.safetensors and taesd_decoder.safetensors)")
+    raise ValueError(f"{spec}: not a TAESD folder (taesd_encoder/decoder.safetensors) nor an SD1.x VAE .safetensors")
 
 
 def _lr_at(step, cfg):

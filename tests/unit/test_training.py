@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from fmboost.models import load_checkpoint
+from fmboost.models.autoencoder_kl import AutoencoderKL
 from fmboost.models.taesd import TAESD
 from fmboost.training import metrics
 from fmboost.training.train import TrainConfig, train
@@ -117,6 +118,13 @@ def test_a_vae_of_another_family_is_refused(photos, tmp_path):
         train(config(photos, tmp_path, vae=str(fake)))
     with pytest.raises(ValueError, match="not a TAESD folder"):
         train(config(photos, tmp_path, vae=str(tmp_path)))
+    flux_like = AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=16)
+    save_file(flux_like.state_dict(), tmp_path / "flux_vae.safetensors")
+    with pytest.raises(ValueError, match="16-channel VAE"):
+        train(config(photos, tmp_path, vae=str(tmp_path / "flux_vae.safetensors")))
+    save_file({"model.diffusion_model.x": torch.zeros(1)}, tmp_path / "unet.safetensors")
+    with pytest.raises(ValueError, match="not a KL VAE"):
+        train(config(photos, tmp_path, vae=str(tmp_path / "unet.safetensors")))
 
 
 def test_distributed_data_parallel_two_processes(photos, tmp_path):
@@ -159,3 +167,47 @@ def test_our_taesd_reconstructs_a_photo():
     assert z.shape == (1, 4, 37, 56)
     assert 0.5 < (z * vae.scale_factor).std() < 2.0  # SD-UNet-space latents have unit-ish spread
     assert metrics.psnr(rec, img).item() > 24
+
+
+def to_diffusers(sd, levels):
+    """The diffusers names for an ldm-layout VAE state dict, written out independently of the loader."""
+    out = {}
+    for k, v in sd.items():
+        parts = k.split(".")
+        if parts[1] == "down":
+            i, kind = parts[2], parts[3]
+            nk = (f"encoder.down_blocks.{i}.resnets.{parts[4]}." + ".".join(parts[5:]) if kind == "block" else
+                  f"encoder.down_blocks.{i}.downsamplers.0." + ".".join(parts[4:]))
+        elif parts[1] == "up":
+            i = levels - 1 - int(parts[2])
+            nk = (f"decoder.up_blocks.{i}.resnets.{parts[4]}." + ".".join(parts[5:]) if parts[3] == "block" else
+                  f"decoder.up_blocks.{i}.upsamplers.0." + ".".join(parts[4:]))
+        elif parts[1] == "mid":
+            if parts[2].startswith("block_"):
+                nk = f"{parts[0]}.mid_block.resnets.{int(parts[2][-1]) - 1}." + ".".join(parts[3:])
+            else:
+                name = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}[parts[3]]
+                nk = f"{parts[0]}.mid_block.attentions.0.{name}.{parts[4]}"
+                if v.ndim == 4:
+                    v = v[:, :, 0, 0]
+        else:
+            nk = k.replace("norm_out", "conv_norm_out") if parts[0] in ("encoder", "decoder") else k
+        out[nk.replace("nin_shortcut", "conv_shortcut")] = v
+    return out
+
+
+def test_sd_vae_loads_from_ldm_checkpoint_and_diffusers_layouts():
+    torch.manual_seed(0)
+    ref = AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1).eval()
+    sd = ref.state_dict()
+    layouts = {"ldm": sd, "checkpoint": {f"first_stage_model.{k}": v for k, v in sd.items()} | {
+        "model.diffusion_model.foo": torch.zeros(1)}, "diffusers": to_diffusers(sd, 2)}
+    assert "decoder.up_blocks.0.upsamplers.0.conv.weight" in layouts["diffusers"]
+    x = torch.rand(1, 3, 32, 32)
+    with torch.inference_mode():
+        z_ref, img_ref = ref.encode(x), ref.decode(ref.encode(x))
+        for name, layout in layouts.items():
+            vae = AutoencoderKL.from_state_dict(layout, name)
+            torch.testing.assert_close(vae.encode(x), z_ref, atol=1e-6, rtol=1e-6, msg=name)
+            torch.testing.assert_close(vae.decode(z_ref), img_ref, atol=1e-6, rtol=1e-6, msg=name)
+    assert z_ref.shape == (1, 4, 16, 16)
