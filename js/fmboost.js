@@ -7,7 +7,6 @@ const SOLVER = "FMBoostSolverSettings";
 const ADAPTIVE = new Set(["dopri5"]);
 const FIXED_ONLY = ["steps"];
 const ADAPTIVE_ONLY = ["atol", "rtol", "max_evals"];
-const LABEL_HEIGHT = 22;
 
 function widgetValue(node, name) {
   return node?.widgets?.find((w) => w.name === name)?.value;
@@ -85,11 +84,6 @@ app.registerExtension({
   name: "FMBoost.Nodes",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name === UPSCALE) {
-      const computeSize = nodeType.prototype.computeSize;
-      nodeType.prototype.computeSize = function (...args) {
-        const size = computeSize ? computeSize.apply(this, args) : [300, 100];
-        return [size[0], size[1] + LABEL_HEIGHT];
-      };
       const onDrawForeground = nodeType.prototype.onDrawForeground;
       nodeType.prototype.onDrawForeground = function (ctx) {
         onDrawForeground?.apply(this, arguments);
@@ -99,7 +93,8 @@ app.registerExtension({
         ctx.font = "12px sans-serif";
         ctx.fillStyle = "#9ab";
         ctx.textAlign = "left";
-        ctx.fillText(this.fmboostLabel, 10, this.size[1] - 8);
+        // Below the node: inside it, the frontend draws previews and their captions.
+        ctx.fillText(this.fmboostLabel, 4, this.size[1] + 16);
         ctx.restore();
       };
       const onExecuted = nodeType.prototype.onExecuted;

@@ -179,7 +179,7 @@ def build() -> list[Graph]:
     g = Graph("upscale_existing_image",
               "Upscale an existing image 2×: Load Image → VAE Encode (TAESD) → CFM → VAE Decode (TAESD).")
     img = g.add("LoadImage", 0, 0, image=EXAMPLE_IMAGE, upload="image")
-    vae = g.add("VAELoader", 0, 1, vae_name="taesd")
+    vae = g.add("VAELoader", 0, 2, vae_name="taesd")
     enc = g.add("VAEEncode", 1, 0, pixels=(img, 0), vae=(vae, 0))
     cfm = g.add("FMBoostLoadCFMModel", 1, 1, ckpt_name=CFM, weight_dtype="auto", weights="ema")
     up = cfm_upscale(g, cfm, enc, 2, vae=(vae, 0), mode="pixel")
