@@ -157,7 +157,7 @@ def test_solver_shows_only_the_inputs_that_apply(app):
 def _queue_workflow(app, wf):
     app.page.evaluate("wf => window.app.loadGraphData(wf)", wf)
     app.page.wait_for_timeout(1000)
-    app.page.evaluate("() => window.app.queuePrompt(0, 1)")
+    app.page.get_by_role("button", name="Run", exact=True).click()
 
 
 def test_queue_shows_progress_and_the_output_image(app, server):
@@ -184,9 +184,11 @@ def test_cancel_stops_a_long_run_and_the_ui_stays_usable(app, server, latent_fil
     r = server.queue(prompt, "browser-cancel")
     assert r.status_code == 200
     pid = r.json()["prompt_id"]
-    app.page.wait_for_timeout(3000)
+    app.page.wait_for_function("""() => [...document.querySelectorAll('button')]
+        .some(b => b.getAttribute('aria-label') === 'Cancel current run' && !b.disabled)""", timeout=60_000)
+    app.page.wait_for_timeout(2000)
     app.screenshot("running")
-    app.page.evaluate("() => window.app.api.interrupt()")
+    app.page.get_by_role("button", name="Cancel current run").click()
     entry = server.wait(pid, timeout=120)
     assert entry["status"]["status_str"] == "error"
     assert any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"])
