@@ -208,8 +208,9 @@ def _from_bare(path, tensors, weights) -> CFMCheckpoint:
             tensors = {k[len(prefix):]: v for k, v in tensors.items()}
             break
     _require_signature(path, tensors)
-    cfg, source = _sidecar_or_inferred(path, tensors)
-    method = _sidecar_method(path)
+    side = _read_sidecar(path)
+    cfg, source = _sidecar_or_inferred(path, tensors, side)
+    method = MethodSettings.from_dict(side["method"]) if isinstance(side.get("method"), dict) else MethodSettings()
     return CFMCheckpoint(path, "state_dict", "single", cfg, method, tensors, source)
 
 
@@ -265,18 +266,12 @@ def _read_sidecar(path) -> dict:
         raise CheckpointError(f"{side.name}: unreadable config beside {_name(path)} ({e})") from e
 
 
-def _sidecar_or_inferred(path, sd) -> tuple[UNetConfig, str]:
-    side = _read_sidecar(path)
+def _sidecar_or_inferred(path, sd, side: dict | None = None) -> tuple[UNetConfig, str]:
+    side = _read_sidecar(path) if side is None else side
     params = side.get("net_params") or side.get("net") or _dig(side, ("fm_cfg", "params", "net_cfg", "params"))
     if isinstance(params, dict):
         return UNetConfig.from_dict(params), "sidecar"
     return infer_unet_config(sd, path), "inferred"
-
-
-def _sidecar_method(path) -> MethodSettings:
-    side = _read_sidecar(path)
-    method = side.get("method")
-    return MethodSettings.from_dict(method) if isinstance(method, dict) else MethodSettings()
 
 
 def infer_unet_config(sd: dict, path="weights") -> UNetConfig:
