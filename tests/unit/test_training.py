@@ -211,3 +211,18 @@ def test_sd_vae_loads_from_ldm_checkpoint_and_diffusers_layouts():
             torch.testing.assert_close(vae.encode(x), z_ref, atol=1e-6, rtol=1e-6, msg=name)
             torch.testing.assert_close(vae.decode(z_ref), img_ref, atol=1e-6, rtol=1e-6, msg=name)
     assert z_ref.shape == (1, 4, 16, 16)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from fmboost.models.unet import CFMUNet, UNetConfig
+    torch.manual_seed(0)
+    net = CFMUNet(UNetConfig.from_dict(TINY_NET)).train()
+    x, c, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.rand(2)
+    grads = []
+    for flag in (False, True):
+        net.zero_grad()
+        net.grad_checkpointing = flag
+        net(x, t, c).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
