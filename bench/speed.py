@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""Speed and memory: CFM upscaling vs the hires-fix pass it replaces, on this machine, in one run.
+
+    .venv/bin/python bench/speed.py [--quick]
+
+Times (median of --runs after a warm-up; ms per image, batch 1 and 4) and peak memory for
+- CFM 64²→128² latent with the authors' full-size network (random weights; 305.8 M parameters) at 1, 2, 4, 8
+  and 20 Euler evaluations and adaptive dopri5, in fp32 / fp16 / bf16 (half precision on GPU only);
+- the same for the shipped default model;
+- a hires-fix second pass: ComfyUI's own SD1.5 UNet code (random weights) at a 128² latent, KSampler
+  steps=20 at denoise=0.5 with CFG: 20 sampler steps, each one UNet evaluation on a batch of 2
+  (conditional + unconditional), i.e. 20 evaluations;
+- SD1.5 sampling directly at 1024²: 20 steps with CFG at a 128² latent, the same 20 evaluations from pure noise
+  (the cost of the extra base pass at 64² is not counted for hires-fix, so the two rows differ only in name);
+- the VAE decode at 1024² that every path shares (SD1.x VAE architecture, random weights).
+Ratios are against the hires-fix pass measured in the same run; the floor is FLOPs × evaluations / the measured
+matrix-multiply rate. Writes the "## Speed" section of bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from _pack import REPO, load_pack  # noqa: E402
+
+load_pack()
+from fmboost.flow import SolverSettings, UpscaleSettings, upscale  # noqa: E402
+from fmboost.models import UNetConfig, load_checkpoint  # noqa: E402
+from fmboost.models.autoencoder_kl import AutoencoderKL  # noqa: E402
+from fmboost.models.unet import CFMUNet  # noqa: E402
+
+FIXTURES = REPO.parent / "shared" / "fixtures" / "fmboost_reference"
+
+
+class PeakMemory:
+    """Peak device memory (CUDA) or peak resident memory growth (CPU, sampled) during a block."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            import psutil
+            self.proc = psutil.Process()
+            self.base = self.peak = self.proc.memory_info().rss
+            self.stop = threading.Event()
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.stop.wait(0.01):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.stop.set()
+            self.thread.join()
+            self.bytes = self.peak - self.base
+
+
+def timed(fn, device, runs):
+    fn()  # warm-up
+    times = []
+    with PeakMemory(device) as mem:
+        for _ in range(runs):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times), mem.bytes
+
+
+def matmul_rate(device, dtype):
+    n = 4096 if device.type == "cuda" else 1536
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sec, _ = timed(lambda: a @ b, device, 5)
+    return 2 * n ** 3 / sec
+
+
+def flops_of(fn):
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def sd15_unet(device, dtype):
+    sys.path.insert(0, str(REPO / ".cache" / "comfyui"))
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    cfg = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+               channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
+               transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_spatial_transformer=True,
+               legacy=False, context_dim=768, num_heads=8, use_linear_in_transformer=False, adm_in_channels=None,
+               use_temporal_attention=False, use_temporal_resblock=False)
+    unet = UNetModel(**cfg, dtype=dtype, device=device, operations=comfy.ops.disable_weight_init)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.normal_(0, 0.02)
+    return unet.eval().requires_grad_(False)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--evals", default="1,2,4,8,20")
+    ap.add_argument("--quick", action="store_true", help="CPU-sized: batch 1, fp32/bf16, one run, fewer rows")
+    ap.add_argument("--results", default=str(REPO / "bench" / "RESULTS.md"))
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batches = [1] if args.quick else [int(b) for b in args.batches.split(",")]
+    evals = [int(e) for e in ("1,4,20" if args.quick else args.evals).split(",")]
+    runs = 1 if args.quick else args.runs
+    dtypes = ([torch.float32, torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32])
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    rows = []
+    rates = {str(d).split(".")[-1]: matmul_rate(device, d) for d in dtypes}
+
+    def add(name, dtype, batch, evaluations, seconds, mem, flops):
+        rows.append(dict(name=name, dtype=str(dtype).split(".")[-1], batch=batch, evals=evaluations,
+                         ms_per_image=1000 * seconds / batch, peak_mib=mem / 2 ** 20,
+                         floor_ms=(1000 * flops * evaluations / rates[str(dtype).split(".")[-1]] / batch
+                                   if flops else None)))
+        print(json.dumps(rows[-1]), file=sys.stderr)
+
+    with torch.inference_mode():
+        # hires-fix pass and direct 1024² sampling: ComfyUI's SD1.5 UNet at a 128² latent, CFG batch of 2
+        for dtype in dtypes:
+            unet = sd15_unet(device, dtype)
+            for batch in batches:
+                x = torch.randn(2 * batch, 4, 128, 128, device=device, dtype=dtype)
+                ts = torch.full((2 * batch,), 500.0, device=device)
+                ctx = torch.randn(2 * batch, 77, 768, device=device, dtype=dtype)
+                one = lambda: unet(x, ts, context=ctx)  # noqa: E731
+                flops = flops_of(one) / batch
+                sec, mem = timed(lambda: [one() for _ in range(20)], device, runs)
+                for name in ("hires-fix pass (SD1.5 UNet, 20 steps at denoise 0.5, CFG)",
+                             "SD1.5 directly at 1024² (20 steps, CFG)"):
+                    add(name, dtype, batch, 20, sec, mem, flops)
+            del unet
+        # the VAE decode at 1024² every path shares
+        vae = AutoencoderKL().to(device).eval()
+        z = torch.randn(1, 4, 128, 128, device=device)
+        sec, mem = timed(lambda: vae.decode(z), device, runs)
+        add("VAE decode 1024² (shared by all)", torch.float32, 1, 1, sec, mem, flops_of(lambda: vae.decode(z)))
+        del vae
+        # CFM: the authors' full-size network and the shipped default
+        manifest = json.loads((FIXTURES / "official_config_manifest.json").read_text())
+        nets = {"CFM full-size (authors' config, 305.8 M)": CFMUNet(UNetConfig.from_dict(manifest["net_params"]))}
+        shipped = REPO / "weights" / "fmboost-sd15-x2.safetensors"
+        if shipped.exists():
+            nets["CFM shipped default"] = load_checkpoint(shipped).build_network(torch.float32)
+        for label, net in nets.items():
+            for dtype in dtypes:
+                net.to(device, dtype).eval()
+                for batch in batches:
+                    latent = torch.randn(batch, 4, 64, 64, device=device) * 5
+                    x1 = torch.randn(batch, 4, 128, 128, device=device)
+                    flops = flops_of(lambda: net(x1, torch.tensor(0.5, device=device), x1)) / batch
+                    for n in evals:
+                        s = UpscaleSettings(mode="latent", solver=SolverSettings("euler", steps=n),
+                                            size_multiple=net.config.size_multiple)
+                        sec, mem = timed(lambda: upscale(net, latent, s, device=device), device, runs)
+                        add(f"{label}, euler", dtype, batch, n, sec, mem, flops)
+                    counted = []
+                    s = UpscaleSettings(mode="latent", solver=SolverSettings("dopri5", atol=1e-3, rtol=1e-3,
+                                                                             max_evals=300),
+                                        size_multiple=net.config.size_multiple)
+                    sec, mem = timed(lambda: counted.append(0) or upscale(
+                        net, latent[:1], s, device=device,
+                        on_progress=lambda p: counted.__setitem__(-1, p.nfe)), device, runs)
+                    add(f"{label}, dopri5 adaptive", dtype, 1, counted[-1], sec, mem, flops)
+            net.cpu()
+    write(rows, rates, device, args)
+
+
+def write(rows, rates, device, args):
+    hires = {(r["dtype"], r["batch"]): r["ms_per_image"] for r in rows if r["name"].startswith("hires-fix")}
+    name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "CPU")
+    lines = [f"## Speed ({datetime.date.today().isoformat()})", "",
+             f"- machine: {name}; {torch.get_num_threads()} CPU threads; torch {torch.__version__}; "
+             f"Python {platform.python_version()}",
+             "- measured matrix-multiply rate: " + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in rates.items()),
+             f"- median of {1 if args.quick else args.runs} run(s) after a warm-up; ratio = time / the hires-fix pass "
+             "(same dtype and batch, same run); floor = FLOPs × evaluations / matmul rate", "",
+             "| what | dtype | batch | evals | ms/image | × hires-fix | floor ms | peak MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = r["ms_per_image"] / hires[(r["dtype"], r["batch"])] if (r["dtype"], r["batch"]) in hires else None
+        lines.append(f"| {r['name']} | {r['dtype']} | {r['batch']} | {r['evals']} | {r['ms_per_image']:.0f} | "
+                     f"{'' if ratio is None else f'{ratio:.3f}'} | "
+                     f"{'' if r['floor_ms'] is None else f'{r['floor_ms']:.0f}'} | {r['peak_mib']:.0f} |")
+    text = "\n".join(lines) + "\n"
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from quality import replace_section
+    replace_section(Path(args.results), "## Speed", text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "rates": rates}, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
