@@ -109,3 +109,35 @@ def test_upscale_existing_image_runs_end_to_end(server):
     assert out.size == (2 * src.size[0], 2 * src.size[1])
     pixels = np.asarray(out).astype(float)
     assert pixels.std() > 5  # an image, not a flat field
+
+
+SHIPPED = REPO / "weights" / "fmboost-sd15-x2.safetensors"
+
+
+def test_shipped_model_upscales_the_example_photo_faithfully(server):
+    """The main job on a fresh machine: shipped model + shipped TAESD + the example photo → a 2× image whose
+    ×2 downscale matches the input (the model adds detail, it must not change the picture)."""
+    import shutil
+
+    import torch
+    import torch.nn.functional as F
+    assert SHIPPED.is_file(), "the default model is part of the repository"
+    shutil.copy(SHIPPED, server.base / "models" / "cfm" / "shipped-default.safetensors")
+    shutil.copy(REPO / "assets" / "fmboost_example.png", server.base / "input" / "example_photo.png")
+    prompt = json.loads((REPO / "workflows" / "api" / "upscale_existing_image.json").read_text())
+    for node in prompt.values():
+        if node["class_type"] == "LoadImage":
+            node["inputs"]["image"] = "example_photo.png"
+        if node["class_type"] == "FMBoostLoadCFMModel":
+            node["inputs"]["ckpt_name"] = "shipped-default.safetensors"
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    save_id = next(k for k, v in prompt.items() if v["class_type"] == "SaveImage")
+    out = np.asarray(Image.open(server.output_file(entry, save_id, "images"))).astype(np.float32) / 255
+    src = np.asarray(Image.open(REPO / "assets" / "fmboost_example.png").convert("RGB")).astype(np.float32) / 255
+    assert out.shape == (2 * src.shape[0], 2 * src.shape[1], 3)
+    down = F.interpolate(torch.from_numpy(out).permute(2, 0, 1)[None], scale_factor=0.5, mode="bilinear",
+                         antialias=True, align_corners=False)[0].permute(1, 2, 0).numpy()
+    psnr = -10 * np.log10(np.mean((down - src) ** 2))
+    # measured: latent bilinear 23.3 dB, a random network 14.0, the noised source alone 16.1
+    assert psnr > 22, f"the upscaled photo drifts from its input: {psnr:.1f} dB"
