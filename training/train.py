@@ -122,8 +122,11 @@ def _method(cfg: TrainConfig) -> MethodSettings:
 def export(cfg: TrainConfig, ema_net, step: int, extra: dict | None = None):
     info = {"objective": cfg.objective, "steps": step, "crop": cfg.crop, "batch": cfg.batch, "lr": cfg.lr,
             "data": os.path.basename(os.path.normpath(cfg.images))}
-    save_checkpoint(cfg.out, ema_net.state_dict(), ema_net.config, _method(cfg), dtype=torch.float16,
+    # Written beside and renamed into place, so a model folder never holds a half-written file.
+    tmp = Path(cfg.out).with_name(Path(cfg.out).name + ".partial")
+    save_checkpoint(tmp, ema_net.state_dict(), ema_net.config, _method(cfg), dtype=torch.float16,
                     extra={"training": json.dumps(info | (extra or {}))})
+    os.replace(tmp, cfg.out)
 
 
 class Validator:
@@ -238,6 +241,15 @@ def train(cfg: TrainConfig, log=print) -> dict:
                       "config": json.dumps(asdict(cfg))}, state_path)
         export(cfg, ema.model, step, {"images_seen": step * cfg.batch * world})
 
+    # SIGTERM (a scheduler or `kill`) and SIGINT end the run like Ctrl-C: the state is saved first. Background
+    # jobs start with SIGINT ignored, so both are set explicitly.
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    if threading_main():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, stop)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + step)
     started, seen_t, seen_n = time.time(), time.time(), 0
     bar = _progress_bar(cfg.steps, step, rank)
@@ -289,6 +301,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
         if world > 1:
             torch.distributed.destroy_process_group()
     return {"step": step, "val": last}
+
+
+def threading_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
 
 
 def _progress_bar(total, start, rank):

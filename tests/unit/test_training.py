@@ -226,3 +226,28 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad.clone() for n, p in net.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_sigterm_saves_the_run_and_resume_continues(photos, tmp_path):
+    """A killed run (SIGTERM, as a scheduler or `kill` sends) saves its state; the same command resumes."""
+    import signal
+    import time
+    cmd = [sys.executable, str(REPO / "scripts" / "train_cfm.py"), "--images", str(photos / "train"),
+           "--vae", str(TAESD_DIR), "--out", str(tmp_path / "m.safetensors"), "--run-dir", str(tmp_path / "run"),
+           "--crop", "64", "--crops-per-image", "1", "--steps", "100000", "--batch", "2", "--save-every", "100000",
+           "--net", json.dumps(TINY_NET)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 240
+    while not (tmp_path / "run" / "cache").exists() or not list((tmp_path / "run" / "cache").glob("pairs-*")):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.5)
+    time.sleep(4)  # some training steps
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert "interrupted at step" in out, out[-2000:]
+    step = int(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"])
+    assert step > 0
+    assert json.loads(__import__("safetensors").safe_open(str(tmp_path / "m.safetensors"), "pt")
+                      .metadata()["fmboost.training"])["steps"] == step
+    assert not list(tmp_path.glob("*.partial"))
