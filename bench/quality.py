@@ -143,7 +143,7 @@ def save_grid(rows, path):
     width = max(r.shape[-1] for r in rows)
     rows = [F.pad(r, (0, width - r.shape[-1])) for r in rows]
     grid = torch.cat(rows, dim=-2)[0]
-    Image.fromarray((grid.clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
+    Image.fromarray((grid.clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy()).save(path, quality=88)
 
 
 def markdown(results, args, model_info, n_images):
@@ -216,7 +216,7 @@ def main(argv=None):
         label = f"{size} → {2 * size} px (long side), {min(count, len(images))} images"
         results[label] = mean
         raw[label] = mean
-        save_grid(grid, Path(args.results).parent / f"quality_grid_{size}.png")
+        save_grid(grid, Path(args.results).parent / f"quality_grid_{size}.jpg")
     params = sum(v.numel() for v in cfm_ck.state_dict.values())
     info = (f"{params / 1e6:.2f} M parameters, {cfm_ck.method.upsampling_mode} mode, trained noise step "
             f"{cfm_ck.method.noise_step}")
