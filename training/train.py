@@ -171,11 +171,9 @@ class Validator:
         return scores
 
     def _source(self):
-        s = 0.18215
-        if self.cfg.mode == "latent":
-            return F.interpolate(self.lo_raw * s, scale_factor=2, mode="bilinear", align_corners=False)
         from ..flow.source import make_source
-        return make_source(self.lo_raw * s, "pixel", s, self.vae)
+        s = 0.18215
+        return make_source(self.lo_raw * s, self.cfg.mode, s, self.vae)
 
     @staticmethod
     def _grid(columns, path: Path):
