@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import platform
 import sys
 import time
@@ -136,6 +137,13 @@ def run_size(args, low_side, images, vae, table_methods, jod, grid_cfm):
     return mean, grid_rows
 
 
+def merge_rows(old: dict, new: dict) -> dict:
+    """Rows of an earlier run updated with this run's, in table order: ceiling, (a), (b), … (f)."""
+    merged = {**old, **new}
+    order = lambda name: (0, "") if name.startswith("TAESD") else (1, name[:3])  # noqa: E731
+    return dict(sorted(merged.items(), key=lambda kv: order(kv[0])))
+
+
 def save_grid(rows, path):
     from PIL import Image
     if not rows:
@@ -194,6 +202,9 @@ def main(argv=None):
     ap.add_argument("--grid-images", type=int, default=3)
     ap.add_argument("--results", default=str(REPO / "bench" / "RESULTS.md"))
     ap.add_argument("--json", help="also write the raw means here")
+    ap.add_argument("--only", help="measure only the methods whose name matches this regular expression "
+                                   "(e.g. '^\\(e\\)'), and take the other rows from --merge")
+    ap.add_argument("--merge", help="means written by an earlier run's --json (same images and seed)")
     args = ap.parse_args(argv)
 
     vae = TAESD.from_folder(args.vae)
@@ -205,6 +216,9 @@ def main(argv=None):
         reg_ck = load_checkpoint(args.regression)
         regression = (reg_ck.build_network(torch.float32), reg_ck)
     table_methods = methods(args, vae, cfm, cfm_ck, city96, regression)
+    if args.only:
+        table_methods = {k: v for k, v in table_methods.items() if re.search(args.only, k)}
+    previous = json.loads(Path(args.merge).read_text()) if args.merge else {}
     jod = JOD()
     images = scan_images(args.val, 0).usable
     results, raw = {}, {}
@@ -212,11 +226,15 @@ def main(argv=None):
     counts = [int(c) for c in args.count.split(",")]
     for size, count in zip(sizes, counts):
         grid_cfm = f"(f) CFM euler {args.sweep_evals} evals, k={cfm_ck.method.noise_step}"
+        if args.only:
+            args.grid_images = 0  # a partial run has not got the grid's columns
         mean, grid = run_size(args, size, images[:count], vae, table_methods, jod, grid_cfm)
         label = f"{size} → {2 * size} px (long side), {min(count, len(images))} images"
+        mean = merge_rows(previous.get(label, {}), mean)
         results[label] = mean
         raw[label] = mean
-        save_grid(grid, Path(args.results).parent / f"quality_grid_{size}.jpg")
+        if grid:
+            save_grid(grid, Path(args.results).parent / f"quality_grid_{size}.jpg")
     params = sum(v.numel() for v in cfm_ck.state_dict.values())
     info = (f"{params / 1e6:.2f} M parameters, {cfm_ck.method.upsampling_mode} mode, trained noise step "
             f"{cfm_ck.method.noise_step}")

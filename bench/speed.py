@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -35,11 +36,14 @@ from _pack import REPO, load_pack  # noqa: E402
 
 load_pack()
 from fmboost.flow import EvaluationBudgetExceeded, SolverSettings, UpscaleSettings, upscale  # noqa: E402
+from fmboost.flow.runtime import RuntimeOptions, prepare_network  # noqa: E402
+from fmboost.flow.tiling import plan_run  # noqa: E402
 from fmboost.models import UNetConfig, load_checkpoint  # noqa: E402
 from fmboost.models.autoencoder_kl import AutoencoderKL  # noqa: E402
 from fmboost.models.unet import CFMUNet  # noqa: E402
 
-FIXTURES = REPO.parent / "shared" / "fixtures" / "fmboost_reference"
+SHARED = Path(os.environ.get("FMBOOST_SHARED") or REPO.parent / "shared")
+FIXTURES = SHARED / "fixtures" / "fmboost_reference"
 
 
 class PeakMemory:
@@ -76,8 +80,9 @@ class PeakMemory:
             self.bytes = self.peak - self.base
 
 
-def timed(fn, device, runs):
-    fn()  # warm-up
+def timed(fn, device, runs, warm_up=True):
+    if warm_up:
+        fn()
     times = []
     with PeakMemory(device) as mem:
         for _ in range(runs):
@@ -126,9 +131,12 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--evals", default="1,2,4,8,20")
-    ap.add_argument("--quick", action="store_true", help="CPU-sized: batch 1, fp32/bf16, one run, fewer rows")
+    ap.add_argument("--quick", action="store_true",
+                    help="CPU-sized: batch 1, one run, evaluations 1/4/20, the hires-fix pass timed for one of its "
+                         "20 evaluations and multiplied by 20, the large output at 1 evaluation")
     ap.add_argument("--results", default=str(REPO / "bench" / "RESULTS.md"))
     ap.add_argument("--json")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile and CUDA-graph runs")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batches = [1] if args.quick else [int(b) for b in args.batches.split(",")]
@@ -158,7 +166,11 @@ def main(argv=None):
                 ctx = torch.randn(2 * batch, 77, 768, device=device, dtype=dtype)
                 one = lambda: unet(x, ts, context=ctx)  # noqa: E731
                 flops = flops_of(one) / batch
-                sec, mem = timed(lambda: [one() for _ in range(20)], device, runs)
+                if args.quick:  # one evaluation timed, ×20: the 20 evaluations of a pass cost the same each
+                    sec, mem = timed(one, device, runs)
+                    sec *= 20
+                else:
+                    sec, mem = timed(lambda: [one() for _ in range(20)], device, runs)
                 for name in ("hires-fix pass (SD1.5 UNet, 20 steps at denoise 0.5, CFG)",
                              "SD1.5 directly at 1024² (20 steps, CFG)"):
                     add(name, dtype, batch, 20, sec, mem, flops)
@@ -169,37 +181,65 @@ def main(argv=None):
         sec, mem = timed(lambda: vae.decode(z), device, runs)
         add("VAE decode 1024² (shared by all)", torch.float32, 1, 1, sec, mem, flops_of(lambda: vae.decode(z)))
         del vae
-        # CFM: the authors' full-size network and the shipped default
+        # CFM: the authors' full-size network and the shipped default, run the way the node runs them
         manifest = json.loads((FIXTURES / "official_config_manifest.json").read_text())
-        nets = {"CFM full-size (authors' config, 305.8 M)": CFMUNet(UNetConfig.from_dict(manifest["net_params"]))}
+        configs = {"CFM full-size (authors' config, 305.8 M)": (UNetConfig.from_dict(manifest["net_params"]), None)}
         shipped = REPO / "weights" / "fmboost-sd15-x2.safetensors"
         if shipped.exists():
-            nets["CFM shipped default"] = load_checkpoint(shipped).build_network(torch.float32)
-        for label, net in nets.items():
+            configs["CFM shipped default"] = (None, shipped)
+        compile_modes = ["off"] + (["compile", "compile+cudagraphs"] if args.compile else [])
+        for label, (config, path) in configs.items():
             for dtype in dtypes:
-                net.to(device, dtype).eval()
-                for batch in batches:
-                    latent = torch.randn(batch, 4, 64, 64, device=device) * 5
-                    x1 = torch.randn(batch, 4, 128, 128, device=device)
-                    flops = flops_of(lambda: net(x1, torch.tensor(0.5, device=device), x1)) / batch
-                    for n in evals:
-                        s = UpscaleSettings(mode="latent", solver=SolverSettings("euler", steps=n),
-                                            size_multiple=net.config.size_multiple)
-                        sec, mem = timed(lambda: upscale(net, latent, s, device=device), device, runs)
-                        add(f"{label}, euler", dtype, batch, n, sec, mem, flops)
+                net = (CFMUNet(config) if path is None else load_checkpoint(path).build_network()).eval()
+                net.requires_grad_(False).set_precision(dtype).to(device)
+                for mode in compile_modes:
+                    run_net = prepare_network(net, device, RuntimeOptions(compile=mode))
+                    tag = "" if mode == "off" else f" [{mode}]"
+                    for batch in batches:
+                        latent = torch.randn(batch, 4, 64, 64, device=device) * 5
+                        x1 = torch.randn(batch, 4, 128, 128, device=device)
+                        flops = flops_of(lambda: net(x1, torch.tensor(0.5, device=device), x1)) / batch
+                        for i, n in enumerate(evals):
+                            s = UpscaleSettings(mode="latent", solver=SolverSettings("euler", steps=n),
+                                                size_multiple=net.config.size_multiple)
+                            sec, mem = timed(lambda: upscale(run_net, latent, s, device=device), device, runs,
+                                             warm_up=(i == 0 or device.type == "cuda"))
+                            add(f"{label}, euler{tag}", dtype, batch, n, sec, mem, flops)
+                    if mode != "off":
+                        continue
                     counted = []
+                    cap = 60 if args.quick else 300
                     s = UpscaleSettings(mode="latent", solver=SolverSettings("dopri5", atol=1e-3, rtol=1e-3,
-                                                                             max_evals=300),
+                                                                             max_evals=cap),
                                         size_multiple=net.config.size_multiple)
                     try:
                         sec, mem = timed(lambda: counted.append(0) or upscale(
-                            net, latent[:1], s, device=device,
-                            on_progress=lambda p: counted.__setitem__(-1, p.nfe)), device, runs)
+                            run_net, latent[:1], s, device=device,
+                            on_progress=lambda p: counted.__setitem__(-1, p.nfe)), device, runs, warm_up=False)
                         add(f"{label}, dopri5 adaptive", dtype, 1, counted[-1], sec, mem, flops)
                     except EvaluationBudgetExceeded:  # random weights give no smooth flow to adapt to
-                        print(f"{label} {dtype}: dopri5 reached 300 evaluations; row left out", file=sys.stderr)
-            net.cpu()
+                        print(f"{label} {dtype}: dopri5 reached {cap} evaluations; row left out", file=sys.stderr)
+                large_output(label, net, dtype, device, args, add)
+                del net, run_net
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     write(rows, rates, device, args)
+
+
+def large_output(label, net, dtype, device, args, add):
+    """2048² → 4096² px (latent 256² → 512²) in windows sized for a 12 GiB budget, as the node plans them."""
+    if device.type != "cuda" and "full-size" in label:
+        return  # hours on a CPU
+    bytes_per_pixel = net.config.model_channels * 256 * (torch.finfo(dtype).bits // 8)
+    _, tile = plan_run(bytes_per_pixel, 1, 512, 512, budget=int(0.9 * 12 * 2**30) - 2 * 2**30,
+                       multiple=net.config.size_multiple, min_tile=16)
+    evaluations = 1 if args.quick else 4
+    latent = torch.randn(1, 4, 256, 256, device=device) * 5
+    s = UpscaleSettings(mode="latent", solver=SolverSettings("euler", steps=evaluations),
+                        size_multiple=net.config.size_multiple)
+    run_net = prepare_network(net, device, RuntimeOptions())
+    sec, mem = timed(lambda: upscale(run_net, latent, s, device=device, tile=tile), device, 1, warm_up=False)
+    add(f"{label}, 2048²→4096² in {tile or 512}² windows (12 GiB plan)", dtype, 1, evaluations, sec, mem, None)
 
 
 def write(rows, rates, device, args):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .schedule import check_step, q_sample
 from .solvers import EvalInfo, SolverSettings, integrate
 from .source import PixelVAE, make_source
+from .tiling import TiledNetwork
 
 Network = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t, context) → v
 
@@ -92,10 +93,12 @@ def upscale(network: Network, latent: torch.Tensor, settings: UpscaleSettings, *
             vae: Optional[PixelVAE] = None, batch_index: Optional[Sequence[int]] = None,
             noise: Optional[torch.Tensor] = None, latent_channels: int = 4,
             on_progress: Optional[Callable[[Progress], None]] = None,
-            device: torch.device | str | None = None, max_batch: Optional[int] = None) -> torch.Tensor:
+            device: torch.device | str | None = None, max_batch: Optional[int] = None,
+            tile: Optional[int] = None, overlap: Optional[int] = None) -> torch.Tensor:
     """Raw VAE latent (B, C, h, w) → raw VAE latent (B, C, 2h, 2w), float32 on `device`.
 
-    `max_batch` caps how many items are integrated together (memory); items are independent either way."""
+    `max_batch` caps how many items are integrated together (memory); items are independent either way.
+    `tile` (output latent pixels) runs the network on overlapping windows of that size (`tiling.TiledNetwork`)."""
     check_latent(latent, latent_channels)
     step = check_step(settings.noise_step)
     device = torch.device(device) if device is not None else latent.device
@@ -118,6 +121,8 @@ def upscale(network: Network, latent: torch.Tensor, settings: UpscaleSettings, *
     x0, context = _pad_to_multiple(x0, multiple), _pad_to_multiple(z_up, multiple)
 
     solver = settings.solver
+    if tile:
+        network = TiledNetwork(network, tile, overlap, multiple)
     # Adaptive step control measures the error over the whole tensor, so items would steer each other's
     # steps; run them one at a time to keep every item independent of its batch.
     size = 1 if solver.adaptive else max(1, min(b, max_batch or b))

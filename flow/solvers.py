@@ -54,7 +54,7 @@ class SolverSettings:
 class EvalInfo:
     nfe: int                    # evaluations so far (this one included)
     t: torch.Tensor             # time this evaluation was made at (0-dim; no host sync taken here)
-    x: torch.Tensor             # state it was evaluated at
+    x: torch.Tensor             # state it was evaluated at (valid during the callback: Euler updates it in place)
     v: torch.Tensor             # velocity
 
     def predicted_target(self) -> torch.Tensor:
@@ -96,6 +96,14 @@ def integrate(velocity: VelocityFn, x0: torch.Tensor, settings: SolverSettings,
         return out[-1]
 
     grid = torch.linspace(0, 1, int(settings.steps) + 1, dtype=x0.dtype, device=x0.device)
+    if settings.method == "euler" and trajectory is None:
+        # The common case, in one preallocated state updated in place: x ← x + Δt·v. Grid times stay on the
+        # device, so nothing in the loop waits for the GPU.
+        x = x0.clone()
+        steps = grid[1:] - grid[:-1]
+        for k in range(int(settings.steps)):
+            x.addcmul_(f(grid[k], x), steps[k])
+        return x
     x = x0
     if trajectory is not None:
         trajectory.append(x)

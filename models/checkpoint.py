@@ -74,7 +74,7 @@ class CFMCheckpoint:
         load_state_strict(net, self.state_dict, self.path)
         net.eval().requires_grad_(False)
         if dtype is not None:
-            net.to(dtype)
+            net.set_precision(dtype)
         return net
 
 

@@ -170,6 +170,7 @@ class CFMUNet(nn.Module):
     """Velocity network v(x, t | context). Parameter names follow the authors' `EfficientUNet`."""
 
     grad_checkpointing = False  # training: recompute block activations in backward to save memory
+    channels_last = False       # feed activations in NHWC (set with the weights' layout by flow.runtime)
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -219,7 +220,15 @@ class CFMUNet(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.time_embed[0].weight.dtype
+        """Compute dtype of the body (the time embedding may be kept in fp32, see `set_precision`)."""
+        return self.out[-1].weight.dtype
+
+    def set_precision(self, dtype: torch.dtype) -> "CFMUNet":
+        """Weights in `dtype`, except the time-embedding MLP, which stays fp32: its sinusoid inputs span
+        several orders of magnitude that half precision would round together."""
+        self.to(dtype)
+        self.time_embed.float()
+        return self
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x, context: (B, C, H, W); t: scalar or (B,) in [0, 1]. Returns the velocity in x's dtype."""
@@ -227,8 +236,11 @@ class CFMUNet(nn.Module):
         if t.numel() == 1:
             t = t.reshape(1).expand(x.shape[0])
         dtype = self.dtype
-        emb = self.time_embed(timestep_sinusoid(t, self.config.model_channels).to(dtype))
+        emb_dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_sinusoid(t, self.config.model_channels).to(emb_dtype)).to(dtype)
         h = torch.cat([x, context], dim=1).to(dtype)
+        if self.channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
         skips = []
         for block in self.input_blocks:
             h = self._run(block, h, emb)

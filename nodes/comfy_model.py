@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,6 +14,8 @@ import folder_paths
 import latent_preview
 
 from ..flow import Progress
+from ..flow.runtime import RuntimeOptions, prepare_network
+from ..flow.tiling import DoesNotFit, plan_run
 from ..models import MethodSettings, UNetConfig
 
 MODEL_FOLDERS = ("cfm", "latent_upscale_models")
@@ -67,33 +69,54 @@ class CFMModel:
     net_config: UNetConfig
     method: MethodSettings
     dtype: torch.dtype
+    runtime: RuntimeOptions = RuntimeOptions()
+    _prepared: tuple | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def wrap(cls, name, network, net_config, method, dtype) -> "CFMModel":
+    def wrap(cls, name, network, net_config, method, dtype, runtime=RuntimeOptions()) -> "CFMModel":
         patcher = comfy.model_patcher.ModelPatcher(
             network, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
-        return cls(name, patcher, net_config, method, dtype)
+        return cls(name, patcher, net_config, method, dtype, runtime)
 
-    def activation_bytes(self, batch: int, height: int, width: int) -> int:
-        # Working memory of one evaluation at the output size: activations, skips and ODE state. 256 bytes
-        # per (latent pixel × model channel × element byte) sits between the measured peak and the total
-        # allocation of the authors' network (≈460 at 64², fp32, CPU).
-        elem = torch.finfo(self.dtype).bits // 8
-        return int(batch * height * width * self.net_config.model_channels * 256 * elem)
+    def bytes_per_pixel(self) -> int:
+        # Working memory of one evaluation per output latent pixel: activations, skips and ODE state. 256 bytes
+        # per (model channel × element byte) sits between the measured peak and the total allocation of the
+        # authors' network (≈460 at 64², fp32, CPU).
+        return self.net_config.model_channels * 256 * (torch.finfo(self.dtype).bits // 8)
 
-    def load(self, batch: int, height: int, width: int):
-        """Load to the device (ComfyUI frees other models as needed); returns (network, device, max_batch)."""
-        per_item = self.activation_bytes(1, height, width)
-        mm.load_models_gpu([self.patcher], memory_required=per_item * batch)
+    def load(self, batch: int, height: int, width: int, tile: int = 0) -> "RunPlan":
+        """Load to the device (ComfyUI frees other models as needed) and plan the run: how many items go
+        through the network together and, when one item's activations do not fit, the window size."""
+        whole = self.bytes_per_pixel() * height * width
+        mm.load_models_gpu([self.patcher], memory_required=whole * batch)
         device = self.patcher.load_device
         free = mm.get_free_memory(device)
-        max_batch = int(0.9 * free // per_item)
-        if max_batch < 1:
-            raise MemoryError(
-                f"a {height // 2}×{width // 2} latent needs about {per_item / 2**30:.1f} GiB of working memory to "
-                f"upscale with this model, but only {free / 2**30:.1f} GiB are free on {device}: upscale a "
-                "smaller latent (tiled upscaling of large latents is planned)")
-        return self.patcher.model, device, min(batch, max_batch)
+        try:
+            max_batch, tile = plan_run(self.bytes_per_pixel(), batch, height, width, int(0.9 * free),
+                                       self.net_config.size_multiple, self.min_tile, tile)
+        except DoesNotFit as e:
+            raise MemoryError(f"{e} on {device}: close other models or use a smaller CFM model") from None
+        return RunPlan(self.network(device), device, max_batch, tile)
+
+    @property
+    def min_tile(self) -> int:
+        # Below this the windows are mostly overlap and the network sees too little context.
+        return max(16, 4 * self.net_config.size_multiple)
+
+    def network(self, device):
+        """The loaded network, prepared for `device` (precision layout, optional compilation) once per device."""
+        key = (str(device), self.runtime)
+        if self._prepared is None or self._prepared[0] != key:
+            self._prepared = (key, prepare_network(self.patcher.model, torch.device(device), self.runtime))
+        return self._prepared[1]
+
+
+@dataclass
+class RunPlan:
+    network: object
+    device: torch.device
+    max_batch: int
+    tile: int | None      # None: the whole latent in one window
 
 
 class ComfyVAE:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import time
 
 import comfy.model_management as mm
@@ -9,6 +10,7 @@ from comfy_api.latest import io
 from ..flow import MODES, EvaluationBudgetExceeded, InputError, UpscaleSettings, upscale
 from ..flow.pipeline import check_latent
 from ..flow.source import upsample_mask
+from ..flow.tiling import run_with_smaller_tiles
 from .comfy_model import CFMModel, ComfyVAE, ProgressReporter
 from .socket_types import CFMModelType, CFMSolverType
 from .solver_settings import DEFAULT_SOLVER
@@ -45,13 +47,18 @@ class CFMLatentUpscale(io.ComfyNode):
                                                tooltip="From CFM Solver Settings. Unconnected: euler, 8 steps."),
                 io.Vae.Input("vae", optional=True, tooltip="Needed for pixel up-sampling: the VAE that made the "
                                                            "latent (SD1.x, or TAESD)."),
+                io.Int.Input("tile_size", default=0, min=0, max=4096, step=8, optional=True,
+                             tooltip="0: automatic: the whole latent at once when it fits in free memory, else "
+                                     "the largest windows that fit (and smaller ones after an out-of-memory). "
+                                     "Otherwise: run the network on overlapping windows of at most this many "
+                                     "output latent pixels (8 pixels each), blended without seams."),
             ],
             outputs=[io.Latent.Output(tooltip="The latent at twice the height and width.")],
         )
 
     @classmethod
     def execute(cls, cfm_model: CFMModel, samples, noise_augmentation, seed, upsampling, solver=None,
-                vae=None) -> io.NodeOutput:
+                vae=None, tile_size=0) -> io.NodeOutput:
         latent = samples["samples"]
         solver = solver or DEFAULT_SOLVER
         step = cfm_model.method.noise_step if noise_augmentation == MODEL_DEFAULT else noise_augmentation
@@ -65,13 +72,22 @@ class CFMLatentUpscale(io.ComfyNode):
             # Bad input is reported before the model is moved to the device or any memory is taken.
             check_latent(latent, cfm_model.net_config.latent_channels)
             batch, height, width = latent.shape[0], latent.shape[-2] * 2, latent.shape[-1] * 2
-            network, device, max_batch = cfm_model.load(batch, height, width)
-            reporter = ProgressReporter(device, solver.planned_evals())
-            with torch.inference_mode():
-                out = upscale(network, latent, settings, vae=ComfyVAE(vae) if vae is not None else None,
-                              batch_index=samples.get("batch_index"),
-                              latent_channels=cfm_model.net_config.latent_channels,
-                              on_progress=reporter, device=device, max_batch=max_batch)
+            plan = cfm_model.load(batch, height, width, tile=tile_size)
+            reporter = ProgressReporter(plan.device, solver.planned_evals())
+            pixel_vae = ComfyVAE(vae) if vae is not None else None
+
+            def run(tile):
+                with torch.inference_mode():
+                    return upscale(plan.network, latent, settings, vae=pixel_vae,
+                                   batch_index=samples.get("batch_index"),
+                                   latent_channels=cfm_model.net_config.latent_channels, on_progress=reporter,
+                                   device=plan.device, max_batch=plan.max_batch if tile is None else 1, tile=tile)
+
+            out = run_with_smaller_tiles(run, plan.tile, max(height, width), cfm_model.net_config.size_multiple,
+                                         cfm_model.min_tile, on_oom=mm.soft_empty_cache,
+                                         on_retry=lambda tile: logging.warning(
+                                             "CFM Latent Upscale: out of memory; retrying in %d×%d windows",
+                                             tile, tile))
         except (InputError, EvaluationBudgetExceeded, ValueError, MemoryError) as e:
             raise ValueError(f"CFM Latent Upscale: {e}") from None
         except mm.OOM_EXCEPTION:
@@ -80,7 +96,8 @@ class CFMLatentUpscale(io.ComfyNode):
             oom = False
         if oom:  # raised outside the handler, so the failed run's tensors can be freed first
             mm.soft_empty_cache()
-            raise MemoryError("CFM Latent Upscale: the device ran out of memory; upscale a smaller batch or latent")
+            raise MemoryError("CFM Latent Upscale: the device ran out of memory even in the smallest windows; "
+                              "upscale a smaller batch or close other models")
         result = {k: v for k, v in samples.items() if k not in ("samples", "noise_mask")}
         result["samples"] = out.to(mm.intermediate_device())
         if samples.get("noise_mask") is not None:

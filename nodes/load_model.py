@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..flow.runtime import COMPILE_MODES, RuntimeOptions
 from ..models import CheckpointError, load_checkpoint
 from .comfy_model import CFMModel, checkpoint_path, list_checkpoints, pick_dtype
 from .socket_types import CFMModelType
@@ -28,12 +29,16 @@ class LoadCFMModel(io.ComfyNode):
                 io.Combo.Input("weights", options=["ema", "online"], default="ema",
                                tooltip="For the authors' training checkpoints: the EMA weights (usually better) "
                                        "or the online weights. Other files hold one set and ignore this."),
+                io.Combo.Input("compile", options=list(COMPILE_MODES), default="off", optional=True,
+                               tooltip="torch.compile the network: faster evaluations after a slow first run "
+                                       "(and one more slow run per new latent size). compile+cudagraphs also "
+                                       "replays CUDA graphs (CUDA only; best for fixed-step solvers and sizes)."),
             ],
             outputs=[io.Custom(CFMModelType).Output(display_name="cfm_model")],
         )
 
     @classmethod
-    def execute(cls, ckpt_name, weight_dtype, weights) -> io.NodeOutput:
+    def execute(cls, ckpt_name, weight_dtype, weights, compile="off") -> io.NodeOutput:
         path = checkpoint_path(ckpt_name)
         try:
             ckpt = load_checkpoint(path, weights=weights)
@@ -41,4 +46,5 @@ class LoadCFMModel(io.ComfyNode):
             network = ckpt.build_network(dtype)
         except CheckpointError as e:
             raise ValueError(f"Load CFM Model: {e}") from None
-        return io.NodeOutput(CFMModel.wrap(ckpt_name, network, ckpt.net_config, ckpt.method, dtype))
+        return io.NodeOutput(CFMModel.wrap(ckpt_name, network, ckpt.net_config, ckpt.method, dtype,
+                                           RuntimeOptions(compile=compile)))

@@ -85,7 +85,7 @@ def read_latent(path) -> torch.Tensor:
 
 
 def upscale_prompt(latent_name, ckpt="tiny.safetensors", *, seed=0, noise=-1, mode="latent", solver=None,
-                   vae=None, weights="ema", dtype="fp32"):
+                   vae=None, weights="ema", dtype="fp32", tile_size=None, compile=None):
     prompt = {
         "1": {"class_type": "LoadLatent", "inputs": {"latent": latent_name}},
         "2": {"class_type": "FMBoostLoadCFMModel",
@@ -95,6 +95,10 @@ def upscale_prompt(latent_name, ckpt="tiny.safetensors", *, seed=0, noise=-1, mo
                          "upsampling": mode}},
         "4": {"class_type": "SaveLatent", "inputs": {"samples": ["3", 0], "filename_prefix": "latents/cfm"}},
     }
+    if tile_size is not None:
+        prompt["3"]["inputs"]["tile_size"] = tile_size
+    if compile is not None:
+        prompt["2"]["inputs"]["compile"] = compile
     if solver is not None:
         prompt["5"] = {"class_type": "FMBoostSolverSettings", "inputs": solver}
         prompt["3"]["inputs"]["solver"] = ["5", 0]

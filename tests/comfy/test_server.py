@@ -52,6 +52,23 @@ def test_upscale_our_checkpoint_matches_the_core(server, latent_file):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_tile_size_runs_in_windows_like_the_core(server, latent_file):
+    """tile_size through the real server: the same windows and blend as the core's tiled run, and close to
+    (but not bit-equal with) the untiled result."""
+    lat = raw_latent(1, 16, 20, seed=4)
+    entry = server.run(upscale_prompt(latent_file(lat), seed=2, tile_size=16))
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    out = read_latent(server.output_file(entry, "4"))
+    ck = load_checkpoint(server.base / "models/cfm/tiny.safetensors")
+    settings = UpscaleSettings(scale_factor=ck.method.scale_factor, noise_step=TINY_METHOD.noise_step, seed=2,
+                               solver=SolverSettings("euler", steps=8), size_multiple=ck.net_config.size_multiple)
+    with torch.inference_mode():
+        tiled = upscale(ck.build_network(), lat, settings, tile=16)
+        whole = upscale(ck.build_network(), lat, settings)
+    torch.testing.assert_close(out, tiled, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(out, whole)
+
+
 def test_upscale_authors_checkpoint(server, latent_file):
     lat = raw_latent(1, 8, 8, seed=3)
     for weights in ("ema", "online"):
