@@ -44,7 +44,7 @@ class CFMLatentUpscale(io.ComfyNode):
                                        "the latent (fast). pixel: VAE decode → bilinear ×2 → VAE encode, as the "
                                        "authors' models were trained; needs the vae input."),
                 io.Custom(CFMSolverType).Input("solver", optional=True,
-                                               tooltip="From CFM Solver Settings. Unconnected: euler, 8 steps."),
+                                               tooltip="From CFM Solver Settings. Unconnected: euler, 4 steps."),
                 io.Vae.Input("vae", optional=True, tooltip="Needed for pixel up-sampling: the VAE that made the "
                                                            "latent (SD1.x, or TAESD)."),
                 io.Int.Input("tile_size", default=0, min=0, max=4096, step=8, optional=True,

@@ -34,13 +34,15 @@ SPECS = {
     "VAEEncode": ([("pixels", "IMAGE"), ("vae", "VAE")], [], [("LATENT", "LATENT")]),
     "LoadImage": ([], ["image", "upload"], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
     "SaveImage": ([("images", "IMAGE")], ["filename_prefix"], []),
-    "FMBoostLoadCFMModel": ([], ["ckpt_name", "weight_dtype", "weights"], [("cfm_model", "CFM_MODEL")]),
+    "FMBoostLoadCFMModel": ([], ["ckpt_name", "weight_dtype", "weights", "compile"], [("cfm_model", "CFM_MODEL")]),
     "FMBoostSolverSettings": ([], ["method", "steps", "atol", "rtol", "max_evals"], [("solver", "CFM_SOLVER")]),
     "FMBoostLatentUpscale": ([("cfm_model", "CFM_MODEL"), ("samples", "LATENT"), ("solver", "CFM_SOLVER"),
                               ("vae", "VAE")],
-                             ["noise_augmentation", "seed+control", "upsampling"], [("LATENT", "LATENT")]),
+                             ["noise_augmentation", "seed+control", "upsampling", "tile_size"],
+                             [("LATENT", "LATENT")]),
 }
 UI_ONLY_WIDGETS = {"upload"}  # frontend-only widgets: in widgets_values, not in the API prompt
+OPTIONAL_DEFAULTS = {"compile": "off", "tile_size": 0}  # optional widgets a graph need not spell out
 
 
 @dataclass
@@ -74,7 +76,7 @@ class Graph:
             for w in SPECS[n.type][1]:
                 name = w.split("+")[0]
                 if name not in UI_ONLY_WIDGETS:
-                    inputs[name] = n.widgets[name]
+                    inputs[name] = n.widgets[name] if name in n.widgets else OPTIONAL_DEFAULTS[name]
             for name, (src, slot) in n.links.items():
                 inputs[name] = [str(src.id), slot]
             prompt[str(n.id)] = {"class_type": n.type, "inputs": inputs, "_meta": {"title": n.title or n.type}}
@@ -96,7 +98,7 @@ class Graph:
             values = []
             for w in widget_names:
                 name = w.split("+")[0]
-                values.append(n.widgets[name])
+                values.append(n.widgets[name] if name in n.widgets else OPTIONAL_DEFAULTS[name])
                 if w.endswith("+control"):
                     values.append(n.widgets.get("control_after_generate", "fixed"))
             node = {

@@ -18,7 +18,7 @@ def raw_latent(b, h, w, seed=0):
     return torch.randn(b, 4, h, w, generator=torch.Generator().manual_seed(seed)) * 4
 
 
-def reference(ckpt_path, latent, *, seed, step, mode="latent", solver_settings=SolverSettings("euler", steps=8),
+def reference(ckpt_path, latent, *, seed, step, mode="latent", solver_settings=SolverSettings("euler", steps=4),
               weights="ema"):
     ck = load_checkpoint(ckpt_path, weights=weights)
     settings = UpscaleSettings(scale_factor=ck.method.scale_factor, mode=mode, noise_step=step, seed=seed,
@@ -61,7 +61,7 @@ def test_tile_size_runs_in_windows_like_the_core(server, latent_file):
     out = read_latent(server.output_file(entry, "4"))
     ck = load_checkpoint(server.base / "models/cfm/tiny.safetensors")
     settings = UpscaleSettings(scale_factor=ck.method.scale_factor, noise_step=TINY_METHOD.noise_step, seed=2,
-                               solver=SolverSettings("euler", steps=8), size_multiple=ck.net_config.size_multiple)
+                               solver=SolverSettings("euler", steps=4), size_multiple=ck.net_config.size_multiple)
     with torch.inference_mode():
         tiled = upscale(ck.build_network(), lat, settings, tile=16)
         whole = upscale(ck.build_network(), lat, settings)
