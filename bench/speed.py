@@ -111,7 +111,10 @@ def flops_of(fn):
 
 
 def sd15_unet(device, dtype):
-    sys.path.insert(0, str(REPO / ".cache" / "comfyui"))
+    sys.path.insert(0, str(os.environ.get("COMFYUI_PATH") or REPO / ".cache" / "comfyui"))
+    import comfy.cli_args
+    if device.type == "cpu":  # as `main.py --cpu`: ComfyUI's CPU attention path, no CUDA probing
+        comfy.cli_args.args.cpu = True
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     cfg = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
@@ -140,7 +143,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batches = [1] if args.quick else [int(b) for b in args.batches.split(",")]
-    evals = [int(e) for e in ("1,4,20" if args.quick else args.evals).split(",")]
+    evals = [int(e) for e in ("1,4,8,20" if args.quick else args.evals).split(",")]
     runs = 1 if args.quick else args.runs
     dtypes = ([torch.float32, torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32])
     if device.type == "cuda":
@@ -242,6 +245,42 @@ def large_output(label, net, dtype, device, args, add):
     add(f"{label}, 2048²→4096² in {tile or 512}² windows (12 GiB plan)", dtype, 1, evaluations, sec, mem, None)
 
 
+def targets(rows, hires, device):
+    """Issue 4's targets, checked against this run's rows."""
+    def find(prefix, dtype, batch, evals):
+        for r in rows:
+            if r["name"] == prefix and r["dtype"] == dtype and r["batch"] == batch and r["evals"] == evals:
+                return r
+        return None
+
+    out = ["| target | measured | met |", "|---|---|---|"]
+    full = "CFM full-size (authors' config, 305.8 M), euler"
+    for evals, limit in ((4, 1 / 20), (20, 1 / 4)):
+        for (dtype, batch), base in sorted(hires.items()):
+            r = find(full, dtype, batch, evals)
+            if r:
+                ratio = r["ms_per_image"] / base
+                out.append(f"| full-size CFM, {evals} evals ≤ {limit:.2f} × hires-fix ({dtype}, batch {batch}) | "
+                           f"{ratio:.3f} × | {'yes' if ratio <= limit else 'no'} |")
+    if device.type == "cuda":
+        r = find(full, "bfloat16", 4, 4)
+        if r and r["floor_ms"]:
+            ratio = r["ms_per_image"] / r["floor_ms"]
+            out.append(f"| full-size CFM bf16 batch 4 within 2× of the FLOP floor | {ratio:.2f} × floor | "
+                       f"{'yes' if ratio <= 2 else 'no'} |")
+        for r in rows:
+            if "2048²→4096²" in r["name"] and "full-size" in r["name"]:
+                out.append(f"| 2048²→4096² within a 12 GiB budget ({r['dtype']}) | {r['peak_mib'] / 1024:.1f} GiB "
+                           f"peak | {'yes' if r['peak_mib'] <= 12 * 1024 else 'no'} |")
+    else:
+        for evals in (4, 8):
+            r = find("CFM shipped default, euler", "float32", 1, evals)
+            if r:
+                out.append(f"| CPU: shipped default 64²→128² in < 10 s ({evals} evals) | {r['ms_per_image'] / 1000:.1f} s"
+                           f" | {'yes' if r['ms_per_image'] < 10_000 else 'no'} |")
+    return out
+
+
 def write(rows, rates, device, args):
     hires = {(r["dtype"], r["batch"]): r["ms_per_image"] for r in rows if r["name"].startswith("hires-fix")}
     name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "CPU")
@@ -259,6 +298,7 @@ def write(rows, rates, device, args):
         floor_s = "" if r["floor_ms"] is None else f"{r['floor_ms']:.0f}"
         lines.append(f"| {r['name']} | {r['dtype']} | {r['batch']} | {r['evals']} | {r['ms_per_image']:.0f} | "
                      f"{ratio_s} | {floor_s} | {r['peak_mib']:.0f} |")
+    lines += ["", *targets(rows, hires, device)]
     text = "\n".join(lines) + "\n"
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from quality import replace_section

@@ -94,11 +94,13 @@ def upscale(network: Network, latent: torch.Tensor, settings: UpscaleSettings, *
             noise: Optional[torch.Tensor] = None, latent_channels: int = 4,
             on_progress: Optional[Callable[[Progress], None]] = None,
             device: torch.device | str | None = None, max_batch: Optional[int] = None,
-            tile: Optional[int] = None, overlap: Optional[int] = None) -> torch.Tensor:
+            tile: Optional[int] = None, overlap: Optional[int] = None,
+            before_window: Callable[[], None] = lambda: None) -> torch.Tensor:
     """Raw VAE latent (B, C, h, w) → raw VAE latent (B, C, 2h, 2w), float32 on `device`.
 
     `max_batch` caps how many items are integrated together (memory); items are independent either way.
-    `tile` (output latent pixels) runs the network on overlapping windows of that size (`tiling.TiledNetwork`)."""
+    `tile` (output latent pixels) runs the network on overlapping windows of that size (`tiling.TiledNetwork`);
+    `before_window` is called before each window (cancellation inside a long tiled evaluation)."""
     check_latent(latent, latent_channels)
     step = check_step(settings.noise_step)
     device = torch.device(device) if device is not None else latent.device
@@ -122,7 +124,7 @@ def upscale(network: Network, latent: torch.Tensor, settings: UpscaleSettings, *
 
     solver = settings.solver
     if tile:
-        network = TiledNetwork(network, tile, overlap, multiple)
+        network = TiledNetwork(network, tile, overlap, multiple, before_window)
     # Adaptive step control measures the error over the whole tensor, so items would steer each other's
     # steps; run them one at a time to keep every item independent of its batch.
     size = 1 if solver.adaptive else max(1, min(b, max_batch or b))

@@ -48,8 +48,10 @@ def _ramp(length: int, overlap: int, start_open: bool, end_open: bool) -> torch.
 class TiledNetwork:
     """`network` evaluated on overlapping windows of at most `tile`×`tile` latent pixels, blended."""
 
-    def __init__(self, network: Network, tile: int, overlap: Optional[int] = None, multiple: int = 1):
+    def __init__(self, network: Network, tile: int, overlap: Optional[int] = None, multiple: int = 1,
+                 before_window: Callable[[], None] = lambda: None):
         self.network = network
+        self.before_window = before_window  # e.g. a cancel check: one evaluation may be many windows
         self.multiple = max(1, int(multiple))
         self.tile = round_down(tile, self.multiple)
         overlap = default_overlap(self.tile, self.multiple) if overlap is None else int(overlap)
@@ -82,6 +84,7 @@ class TiledNetwork:
         out = torch.zeros_like(x)
         for (top, left, h, w), weight in plan:
             window = (..., slice(top, top + h), slice(left, left + w))
+            self.before_window()
             v = self.network(x[window], t, context[window])
             out[window] += v * weight.to(v.device, v.dtype)
         return out

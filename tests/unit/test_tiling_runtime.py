@@ -100,6 +100,24 @@ def test_tiled_upscale_of_a_photo_matches_the_untiled_one(shipped):
             assert err.mean(0).max() < 30 * err.mean(0).median(), tile
 
 
+def test_a_check_runs_before_every_window_and_can_stop_an_evaluation():
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def check():
+        calls.append(1)
+        if len(calls) == 3:
+            raise Stop
+
+    net_calls = []
+    tiled = TiledNetwork(lambda x, t, c: net_calls.append(1) or x, 16, multiple=2, before_window=check)
+    with pytest.raises(Stop):
+        tiled(torch.zeros(1, 4, 48, 48), torch.tensor(0.0), torch.zeros(1, 4, 48, 48))
+    assert len(net_calls) == 2, "the run stopped inside the evaluation, before its third window"
+
+
 class OutOfMemoryAbove:
     """A velocity net that raises torch's own out-of-memory error on windows larger than `limit`."""
 
