@@ -12,8 +12,8 @@ from support import REPO
 SHOTS = REPO / "test-output" / "browser"
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 OUR_WIDGETS = {
-    "FMBoostLoadCFMModel": ["ckpt_name", "weight_dtype", "weights"],
-    "FMBoostLatentUpscale": ["noise_augmentation", "seed", "control_after_generate", "upsampling"],
+    "FMBoostLoadCFMModel": ["ckpt_name", "weight_dtype", "weights", "compile"],
+    "FMBoostLatentUpscale": ["noise_augmentation", "seed", "control_after_generate", "upsampling", "tile_size"],
     "FMBoostSolverSettings": ["method", "steps", "atol", "rtol", "max_evals"],
 }
 
