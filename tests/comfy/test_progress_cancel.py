@@ -49,3 +49,30 @@ def test_cancel_stops_within_an_evaluation_and_the_server_goes_on(server, latent
     ok = server.run(upscale_prompt(latent_file(raw_latent(1, 4, 4)), seed=1))
     assert ok["status"]["status_str"] == "success"
     assert read_latent(server.output_file(ok, "4")).shape == (1, 4, 8, 8)
+
+
+def test_a_huge_latent_runs_in_windows_and_cancel_stops_it_inside_an_evaluation(server, latent_file):
+    """16384² px (a 2048² latent → 4096²): the largest EmptyLatentImage. It runs tiled instead of failing, and
+    Cancel, checked before every window, ends it long before its first evaluation (hundreds of windows) is done."""
+    watch = Watcher(server)
+    try:
+        prompt = upscale_prompt("unused", tile_size=128, solver=solver("euler", steps=2))
+        prompt["1"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 16384, "height": 16384,
+                                                                    "batch_size": 1}}
+        pid = server.queue(prompt, watch.client_id).json()["prompt_id"]
+        watch.until(lambda t, d: t == "executing" and d.get("node") == "3" and d.get("prompt_id") == pid,
+                    timeout=120)
+        time.sleep(5)
+        requests.post(server.url + "/interrupt", timeout=10)
+        started = time.time()
+        watch.until(lambda t, d: t == "execution_interrupted" and d.get("prompt_id") == pid, timeout=120)
+        assert time.time() - started < 15
+        assert watch.progress("3") == [], "Cancel came inside the first evaluation"
+        entry = server.wait(pid)
+        assert entry["status"]["status_str"] == "error"
+        messages = [m for m in entry["status"]["messages"] if m[0] == "execution_error"]
+        assert messages == [], messages  # interrupted, not failed (no out-of-memory, no error)
+    finally:
+        watch.close()
+    ok = server.run(upscale_prompt(latent_file(raw_latent(1, 4, 4)), seed=2))
+    assert ok["status"]["status_str"] == "success"
