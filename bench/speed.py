@@ -140,7 +140,14 @@ def main(argv=None):
     ap.add_argument("--results", default=str(REPO / "bench" / "RESULTS.md"))
     ap.add_argument("--json")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile and CUDA-graph runs")
+    ap.add_argument("--from-json", help="rewrite the section from an earlier run's --json, measuring nothing")
     args = ap.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        device = torch.device(saved.get("device", "cpu"))
+        args.runs = saved.get("runs", args.runs)
+        args.quick = saved.get("quick", False)
+        return write(saved["rows"], saved["rates"], device, args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batches = [1] if args.quick else [int(b) for b in args.batches.split(",")]
     evals = [int(e) for e in ("1,4,8,20" if args.quick else args.evals).split(",")]
@@ -245,6 +252,38 @@ def large_output(label, net, dtype, device, args, add):
     add(f"{label}, 2048²→4096² in {tile or 512}² windows (12 GiB plan)", dtype, 1, evaluations, sec, mem, None)
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
+NOTES = [
+    "How to read this:",
+    "",
+    "- The hires-fix pass is counted as KSampler steps=20 at denoise=0.5. ComfyUI then samples 20 steps of a "
+    "40-step schedule (it stretches the schedule so that 20 steps are run), and each step is one UNet call on "
+    "the conditional and unconditional batch (CFG): 20 evaluations of a batch of 2 per image. `--quick` times one "
+    "such evaluation and multiplies by 20; the full run times all 20.",
+    "- SD1.5 directly at 1024² runs the same 20 CFG evaluations at the same latent size, so its row equals the "
+    "hires-fix row (the hires-fix base pass at 512² is not counted in its favour).",
+    "- The VAE decode is shared by every path and is not part of any ratio.",
+    "- floor = FLOPs (torch's FLOP counter, per image) × evaluations / the rate of one large matrix multiply. On "
+    "the CPU the probe multiply (1536²) runs slower than the network's own convolutions, so measured times can "
+    "come out below the floor there; on a GPU it is the usual upper bound on speed.",
+    "- peak MiB: CUDA peak allocation during the timed runs; on the CPU, the growth of resident memory during "
+    "the timed runs after the warm-up (memory the warm-up already took is not counted again).",
+    "- 2048²→4096² row: the window size the node would choose with 12 GiB free (`flow.tiling.plan_run`), "
+    "run through the node's tiled path.",
+    "- Half precision (fp16/bf16), batch 4, torch.compile and CUDA-graph rows, and the GPU targets are measured "
+    "only on a GPU (`bench/speed.py --compile`).",
+]
+
+
 def targets(rows, hires, device):
     """Issue 4's targets, checked against this run's rows."""
     def find(prefix, dtype, batch, evals):
@@ -283,12 +322,12 @@ def targets(rows, hires, device):
 
 def write(rows, rates, device, args):
     hires = {(r["dtype"], r["batch"]): r["ms_per_image"] for r in rows if r["name"].startswith("hires-fix")}
-    name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "CPU")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
     lines = [f"## Speed ({datetime.date.today().isoformat()})", "",
              f"- machine: {name}; {torch.get_num_threads()} CPU threads; torch {torch.__version__}; "
              f"Python {platform.python_version()}",
              "- measured matrix-multiply rate: " + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in rates.items()),
-             f"- median of {1 if args.quick else args.runs} run(s) after a warm-up; ratio = time / the hires-fix pass "
+             f"- {'`--quick`: ' if args.quick else ''}median of {1 if args.quick else args.runs} run(s) after a warm-up; ratio = time / the hires-fix pass "
              "(same dtype and batch, same run); floor = FLOPs × evaluations / matmul rate", "",
              "| what | dtype | batch | evals | ms/image | × hires-fix | floor ms | peak MiB |",
              "|---|---|---|---|---|---|---|---|"]
@@ -298,13 +337,15 @@ def write(rows, rates, device, args):
         floor_s = "" if r["floor_ms"] is None else f"{r['floor_ms']:.0f}"
         lines.append(f"| {r['name']} | {r['dtype']} | {r['batch']} | {r['evals']} | {r['ms_per_image']:.0f} | "
                      f"{ratio_s} | {floor_s} | {r['peak_mib']:.0f} |")
-    lines += ["", *targets(rows, hires, device)]
+    lines += ["", *targets(rows, hires, device), "", *NOTES]
     text = "\n".join(lines) + "\n"
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from quality import replace_section
     replace_section(Path(args.results), "## Speed", text)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "rates": rates}, indent=1))
+        Path(args.json).write_text(json.dumps({"rows": rows, "rates": rates, "device": device.type,
+                                               "runs": 1 if args.quick else args.runs, "quick": args.quick},
+                                              indent=1))
     print(text)
 
 
