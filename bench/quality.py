@@ -189,7 +189,9 @@ def replace_section(path: Path, marker: str, text: str):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--regression", help="a regression-baseline checkpoint (objective=regression)")
+    default_regression = REPO / "bench" / "models" / "regression-sd15-x2.safetensors"
+    ap.add_argument("--regression", default=str(default_regression) if default_regression.exists() else None,
+                    help="a regression-baseline checkpoint (objective=regression); default: bench/models/")
     ap.add_argument("--val", required=True)
     ap.add_argument("--vae", default=str(REPO / "weights" / "taesd"))
     ap.add_argument("--city96", default=str(REPO.parent / "shared" / "weights" / "sd-latent-upscaler-city96" /
