@@ -164,6 +164,10 @@ def markdown(results, args, model_info, n_images):
              "- metrics: PSNR/SSIM on luma (higher is better), ColorVideoVDP JOD (standard_4k display, 10 = "
              "identical), detail = high-frequency energy / ground truth's (1.0 ideal, < 1 blurrier, > 1 noisier)",
              ""]
+    lines += ["Image grids: `bench/quality_grid_256.jpg`, `bench/quality_grid_512.jpg` (columns: low-res, latent "
+              "bilinear, city96, regression baseline when measured, CFM Euler "
+              f"{args.sweep_evals} evaluations, ground truth). Reading: `weights/MODEL_CARD.md` (Measured quality).",
+              ""]
     for size, mean in results.items():
         lines += [f"### {size}", "", "| method | PSNR dB | SSIM | JOD | detail | s/image |", "|---|---|---|---|---|---|"]
         for name, m in mean.items():
@@ -171,7 +175,32 @@ def markdown(results, args, model_info, n_images):
                          f"{m['seconds']:.2f} |" if m["seconds"] == m["seconds"] else
                          f"| {name} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['jod']:.3f} | {m['detail']:.3f} | – |")
         lines.append("")
+        lines += targets(mean)
     return "\n".join(lines)
+
+
+def targets(mean: dict) -> list[str]:
+    """The issue's targets per CFM row: better than (a)–(d) on every metric; against (e), detail closer to 1.0
+    and higher JOD with PSNR no more than 1 dB lower."""
+    import math
+    better = {"psnr": lambda a, b: a > b, "ssim": lambda a, b: a > b, "jod": lambda a, b: a > b,
+              "detail": lambda a, b: abs(math.log(a)) < abs(math.log(b))}
+    baselines = {n: m for n, m in mean.items() if n[:3] in ("(a)", "(b)", "(c)", "(d)")}
+    regression = next((m for n, m in mean.items() if n.startswith("(e)")), None)
+    out = ["| CFM row | wins against (a)–(d) (of " + str(4 * len(baselines)) + ") | all? | against (e): detail, "
+           "JOD, PSNR ≥ (e) − 1 dB |", "|---|---|---|---|"]
+    for name, m in mean.items():
+        if not name.startswith("(f)"):
+            continue
+        wins = sum(better[k](m[k], b[k]) for b in baselines.values() for k in better)
+        if regression is None:
+            vs_e = "not measured"
+        else:
+            checks = [better["detail"](m["detail"], regression["detail"]), m["jod"] > regression["jod"],
+                      m["psnr"] >= regression["psnr"] - 1.0]
+            vs_e = " / ".join("yes" if c else "no" for c in checks)
+        out.append(f"| {name[4:]} | {wins} | {'yes' if wins == 4 * len(baselines) else 'no'} | {vs_e} |")
+    return out + [""]
 
 
 def replace_section(path: Path, marker: str, text: str):
