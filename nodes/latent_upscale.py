@@ -51,7 +51,7 @@ class CFMLatentUpscale(io.ComfyNode):
                              tooltip="0: automatic: the whole latent at once when it fits in free memory, else "
                                      "the largest windows that fit (and smaller ones after an out-of-memory). "
                                      "Otherwise: run the network on overlapping windows of at most this many "
-                                     "output latent pixels (8 pixels each), blended without seams."),
+                                     "output latent pixels (8 pixels each), blended across their overlaps."),
             ],
             outputs=[io.Latent.Output(tooltip="The latent at twice the height and width.")],
         )
