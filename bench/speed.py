@@ -37,7 +37,7 @@ from _pack import REPO, load_pack  # noqa: E402
 load_pack()
 from fmboost.flow import EvaluationBudgetExceeded, SolverSettings, UpscaleSettings, upscale  # noqa: E402
 from fmboost.flow.runtime import RuntimeOptions, prepare_network  # noqa: E402
-from fmboost.flow.tiling import plan_run  # noqa: E402
+from fmboost.flow.tiling import bytes_per_pixel, min_window, plan_run  # noqa: E402
 from fmboost.models import UNetConfig, load_checkpoint  # noqa: E402
 from fmboost.models.autoencoder_kl import AutoencoderKL  # noqa: E402
 from fmboost.models.unet import CFMUNet  # noqa: E402
@@ -240,9 +240,9 @@ def large_output(label, net, dtype, device, args, add):
     """2048² → 4096² px (latent 256² → 512²) in windows sized for a 12 GiB budget, as the node plans them."""
     if device.type != "cuda" and "full-size" in label:
         return  # hours on a CPU
-    bytes_per_pixel = net.config.model_channels * 256 * (torch.finfo(dtype).bits // 8)
-    _, tile = plan_run(bytes_per_pixel, 1, 512, 512, budget=int(0.9 * 12 * 2**30) - 2 * 2**30,
-                       multiple=net.config.size_multiple, min_tile=16)
+    _, tile = plan_run(bytes_per_pixel(net.config.model_channels, dtype), 1, 512, 512,
+                       budget=int(0.9 * 12 * 2**30) - 2 * 2**30, multiple=net.config.size_multiple,
+                       min_tile=min_window(net.config.size_multiple))
     evaluations = 1 if args.quick else 4
     latent = torch.randn(1, 4, 256, 256, device=device) * 5
     s = UpscaleSettings(mode="latent", solver=SolverSettings("euler", steps=evaluations),

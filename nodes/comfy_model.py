@@ -15,7 +15,7 @@ import latent_preview
 
 from ..flow import Progress
 from ..flow.runtime import RuntimeOptions, prepare_network
-from ..flow.tiling import DoesNotFit, plan_run
+from ..flow.tiling import DoesNotFit, bytes_per_pixel, min_window, plan_run
 from ..models import MethodSettings, UNetConfig
 
 MODEL_FOLDERS = ("cfm", "latent_upscale_models")
@@ -78,21 +78,15 @@ class CFMModel:
             network, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
         return cls(name, patcher, net_config, method, dtype, runtime)
 
-    def bytes_per_pixel(self) -> int:
-        # Working memory of one evaluation per output latent pixel: activations, skips and ODE state. 256 bytes
-        # per (model channel × element byte) sits between the measured peak and the total allocation of the
-        # authors' network (≈460 at 64², fp32, CPU).
-        return self.net_config.model_channels * 256 * (torch.finfo(self.dtype).bits // 8)
-
     def load(self, batch: int, height: int, width: int, tile: int = 0) -> "RunPlan":
         """Load to the device (ComfyUI frees other models as needed) and plan the run: how many items go
         through the network together and, when one item's activations do not fit, the window size."""
-        whole = self.bytes_per_pixel() * height * width
-        mm.load_models_gpu([self.patcher], memory_required=whole * batch)
+        per_pixel = bytes_per_pixel(self.net_config.model_channels, self.dtype)
+        mm.load_models_gpu([self.patcher], memory_required=per_pixel * height * width * batch)
         device = self.patcher.load_device
         free = mm.get_free_memory(device)
         try:
-            max_batch, tile = plan_run(self.bytes_per_pixel(), batch, height, width, int(0.9 * free),
+            max_batch, tile = plan_run(per_pixel, batch, height, width, int(0.9 * free),
                                        self.net_config.size_multiple, self.min_tile, tile)
         except DoesNotFit as e:
             raise MemoryError(f"{e} on {device}: close other models or use a smaller CFM model") from None
@@ -100,8 +94,7 @@ class CFMModel:
 
     @property
     def min_tile(self) -> int:
-        # Below this the windows are mostly overlap and the network sees too little context.
-        return max(16, 4 * self.net_config.size_multiple)
+        return min_window(self.net_config.size_multiple)
 
     def network(self, device):
         """The loaded network, prepared for `device` (precision layout, optional compilation) once per device."""

@@ -81,7 +81,7 @@ class CFMLatentUpscale(io.ComfyNode):
                     return upscale(plan.network, latent, settings, vae=pixel_vae,
                                    batch_index=samples.get("batch_index"),
                                    latent_channels=cfm_model.net_config.latent_channels, on_progress=reporter,
-                                   device=plan.device, max_batch=plan.max_batch if tile is None else 1, tile=tile,
+                                   device=plan.device, max_batch=plan.max_batch, tile=tile,
                                    before_window=mm.throw_exception_if_processing_interrupted)
 
             out = run_with_smaller_tiles(run, plan.tile, max(height, width), cfm_model.net_config.size_multiple,
