@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import re
+import math
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -182,7 +183,6 @@ def markdown(results, args, model_info, n_images):
 def targets(mean: dict) -> list[str]:
     """The issue's targets per CFM row: better than (a)–(d) on every metric; against (e), detail closer to 1.0
     and higher JOD with PSNR no more than 1 dB lower."""
-    import math
     better = {"psnr": lambda a, b: a > b, "ssim": lambda a, b: a > b, "jod": lambda a, b: a > b,
               "detail": lambda a, b: abs(math.log(a)) < abs(math.log(b))}
     baselines = {n: m for n, m in mean.items() if n[:3] in ("(a)", "(b)", "(c)", "(d)")}
@@ -255,10 +255,10 @@ def main(argv=None):
     results, raw = {}, {}
     sizes = [int(s) for s in args.sizes.split(",")]
     counts = [int(c) for c in args.count.split(",")]
+    if args.only:
+        args.grid_images = 0  # a partial run has not got the grid's columns
     for size, count in zip(sizes, counts):
         grid_cfm = f"(f) CFM euler {args.sweep_evals} evals, k={cfm_ck.method.noise_step}"
-        if args.only:
-            args.grid_images = 0  # a partial run has not got the grid's columns
         mean, grid = run_size(args, size, images[:count], vae, table_methods, jod, grid_cfm)
         label = f"{size} → {2 * size} px (long side), {min(count, len(images))} images"
         mean = merge_rows(previous.get(label, {}), mean)

@@ -54,6 +54,9 @@ class Node:
     pos: tuple = (0, 0)
     title: str | None = None
 
+    def value(self, widget: str):
+        return self.widgets[widget] if widget in self.widgets else OPTIONAL_DEFAULTS[widget]
+
 
 class Graph:
     def __init__(self, name: str, description: str):
@@ -76,7 +79,7 @@ class Graph:
             for w in SPECS[n.type][1]:
                 name = w.split("+")[0]
                 if name not in UI_ONLY_WIDGETS:
-                    inputs[name] = n.widgets[name] if name in n.widgets else OPTIONAL_DEFAULTS[name]
+                    inputs[name] = n.value(name)
             for name, (src, slot) in n.links.items():
                 inputs[name] = [str(src.id), slot]
             prompt[str(n.id)] = {"class_type": n.type, "inputs": inputs, "_meta": {"title": n.title or n.type}}
@@ -98,7 +101,7 @@ class Graph:
             values = []
             for w in widget_names:
                 name = w.split("+")[0]
-                values.append(n.widgets[name] if name in n.widgets else OPTIONAL_DEFAULTS[name])
+                values.append(n.value(name))
                 if w.endswith("+control"):
                     values.append(n.widgets.get("control_after_generate", "fixed"))
             node = {
