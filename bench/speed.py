@@ -37,6 +37,7 @@ from _pack import REPO, load_pack  # noqa: E402
 load_pack()
 from fmboost.flow import EvaluationBudgetExceeded, SolverSettings, UpscaleSettings, upscale  # noqa: E402
 from fmboost.flow.runtime import RuntimeOptions, prepare_network  # noqa: E402
+from fmboost.flow.solvers import integrate  # noqa: E402
 from fmboost.flow.tiling import bytes_per_pixel, min_window, plan_run  # noqa: E402
 from fmboost.models import UNetConfig, load_checkpoint  # noqa: E402
 from fmboost.models.autoencoder_kl import AutoencoderKL  # noqa: E402
@@ -147,7 +148,7 @@ def main(argv=None):
         device = torch.device(saved.get("device", "cpu"))
         args.runs = saved.get("runs", args.runs)
         args.quick = saved.get("quick", False)
-        return write(saved["rows"], saved["rates"], device, args)
+        return write(saved["rows"], saved["rates"], device, args, saved.get("checks", {}))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batches = [1] if args.quick else [int(b) for b in args.batches.split(",")]
     evals = [int(e) for e in ("1,4,8,20" if args.quick else args.evals).split(",")]
@@ -156,7 +157,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    rows = []
+    rows, checks = [], {}
     rates = {str(d).split(".")[-1]: matmul_rate(device, d) for d in dtypes}
 
     def add(name, dtype, batch, evaluations, seconds, mem, flops):
@@ -217,6 +218,9 @@ def main(argv=None):
                             add(f"{label}, euler{tag}", dtype, batch, n, sec, mem, flops)
                     if mode != "off":
                         continue
+                    if device.type == "cuda":
+                        checks[f"{label}, {str(dtype).split('.')[-1]}: host syncs in the Euler loop"] = \
+                            loop_host_syncs(run_net, device)
                     counted = []
                     cap = 60 if args.quick else 300
                     s = UpscaleSettings(mode="latent", solver=SolverSettings("dopri5", atol=1e-3, rtol=1e-3,
@@ -233,7 +237,22 @@ def main(argv=None):
                 del net, run_net
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    write(rows, rates, device, args)
+    write(rows, rates, device, args, checks)
+
+
+def loop_host_syncs(run_net, device) -> str:
+    """CUDA: a 4-step Euler loop with torch's sync debug mode set to "error"; "none", or what synchronised."""
+    x0 = torch.randn(1, 4, 128, 128, device=device)
+    ctx = x0.clone()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        integrate(lambda x, t: run_net(x, t, ctx), x0, SolverSettings("euler", steps=4))
+        return "none"
+    except RuntimeError as e:
+        return str(e).splitlines()[0][:120]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def large_output(label, net, dtype, device, args, add):
@@ -284,7 +303,7 @@ NOTES = [
 ]
 
 
-def targets(rows, hires, device):
+def targets(rows, hires, device, checks):
     """Issue 4's targets, checked against this run's rows."""
     def find(prefix, dtype, batch, evals):
         for r in rows:
@@ -311,6 +330,8 @@ def targets(rows, hires, device):
             if "2048²→4096²" in r["name"] and "full-size" in r["name"]:
                 out.append(f"| 2048²→4096² within a 12 GiB budget ({r['dtype']}) | {r['peak_mib'] / 1024:.1f} GiB "
                            f"peak | {'yes' if r['peak_mib'] <= 12 * 1024 else 'no'} |")
+        for what, found in checks.items():
+            out.append(f"| {what}: none | {found} | {'yes' if found == 'none' else 'no'} |")
     else:
         for evals in (4, 8):
             r = find("CFM shipped default, euler", "float32", 1, evals)
@@ -320,7 +341,7 @@ def targets(rows, hires, device):
     return out
 
 
-def write(rows, rates, device, args):
+def write(rows, rates, device, args, checks):
     hires = {(r["dtype"], r["batch"]): r["ms_per_image"] for r in rows if r["name"].startswith("hires-fix")}
     name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
     lines = [f"## Speed ({datetime.date.today().isoformat()})", "",
@@ -337,14 +358,15 @@ def write(rows, rates, device, args):
         floor_s = "" if r["floor_ms"] is None else f"{r['floor_ms']:.0f}"
         lines.append(f"| {r['name']} | {r['dtype']} | {r['batch']} | {r['evals']} | {r['ms_per_image']:.0f} | "
                      f"{ratio_s} | {floor_s} | {r['peak_mib']:.0f} |")
-    lines += ["", *targets(rows, hires, device), "", *NOTES]
+    lines += ["", *targets(rows, hires, device, checks), "", *NOTES]
     text = "\n".join(lines) + "\n"
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from quality import replace_section
     replace_section(Path(args.results), "## Speed", text)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "rates": rates, "device": device.type,
-                                               "runs": 1 if args.quick else args.runs, "quick": args.quick},
+                                               "runs": 1 if args.quick else args.runs, "quick": args.quick,
+                                               "checks": checks},
                                               indent=1))
     print(text)
 
