@@ -69,19 +69,47 @@ class JOD:
         return float(q)
 
 
-def methods(args, vae, cfm, cfm_ck, city96, regression):
-    """name → function(raw low-res latent) → raw high-res latent."""
+class SourceMemo:
+    """The VAE as the pixel-space source sees it, remembering its last call of each kind: every CFM row of an
+    image builds the same source (decode → resize → encode), so it is computed once per image. A remembered
+    result is charged the time it first took (`charged`), so each row's s/image still includes its source."""
+
+    def __init__(self, vae):
+        self.vae, self.memo, self.charged = vae, {}, 0.0
+
+    def forget(self):
+        self.memo.clear()
+
+    def _call(self, kind, x):
+        seen = self.memo.get(kind)
+        if seen is not None and seen[0].shape == x.shape and torch.equal(seen[0], x):
+            self.charged += seen[2]
+            return seen[1]
+        started = time.perf_counter()
+        y = getattr(self.vae, kind)(x)
+        self.memo[kind] = (x.clone(), y, time.perf_counter() - started)
+        return y
+
+    def encode(self, x):
+        return self._call("encode", x)
+
+    def decode(self, z):
+        return self._call("decode", z)
+
+
+def methods(args, source_vae, cfm, cfm_ck, city96, regression):
+    """name → function(raw low-res latent) → raw high-res latent; pixel-space sources go through `source_vae`."""
     s = 0.18215
 
     def cfm_run(solver, step):
         settings = UpscaleSettings(scale_factor=cfm_ck.method.scale_factor, mode=cfm_ck.method.upsampling_mode,
                                    noise_step=step, seed=0, solver=solver,
                                    size_multiple=cfm_ck.net_config.size_multiple)
-        return lambda z: upscale(cfm, z, settings, vae=vae)
+        return lambda z: upscale(cfm, z, settings, vae=source_vae)
 
     out = {
         "(a) latent bilinear": lambda z: F.interpolate(z, scale_factor=2, mode="bilinear", align_corners=False),
-        "(b) pixel-space bilinear": lambda z: make_source(z * s, "pixel", s, vae) / s,
+        "(b) pixel-space bilinear": lambda z: make_source(z * s, "pixel", s, source_vae) / s,
         "(c) bicubic of decoded": None,  # works in pixels, handled separately
         "(d) city96 ×2": city96,
     }
@@ -89,7 +117,7 @@ def methods(args, vae, cfm, cfm_ck, city96, regression):
         reg_net, reg_ck = regression
 
         def regress(z):
-            src = make_source(z * s, reg_ck.method.upsampling_mode, s, vae)
+            src = make_source(z * s, reg_ck.method.upsampling_mode, s, source_vae)
             return reg_net(src, torch.zeros(()), src) / s
         out["(e) regression baseline"] = regress
     default_step = cfm_ck.method.noise_step
@@ -105,37 +133,115 @@ def methods(args, vae, cfm, cfm_ck, city96, regression):
     return out
 
 
-def run_size(args, low_side, images, vae, table_methods, jod, grid_cfm):
-    names = ["TAESD ceiling (GT encoded+decoded)"] + list(table_methods)
-    scores = {n: {"psnr": [], "ssim": [], "jod": [], "detail": [], "seconds": []} for n in names}
+CEILING = "TAESD ceiling (GT encoded+decoded)"
+METRICS = ("psnr", "ssim", "jod", "detail", "seconds")
+
+
+class Records:
+    """Per-image scores on disk (one JSON line per image and size), so a long CPU run resumes where it stopped
+    and runs for different sizes can go side by side; grid rows are kept beside them as PNG files."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _file(self, size):
+        return self.folder / f"scores_{size}.jsonl"
+
+    def load(self, size) -> dict:
+        out = {}
+        if self._file(size).exists():
+            for line in self._file(size).read_text().splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    out.setdefault(rec["image"], {}).update(rec["scores"])
+        return out
+
+    def add(self, size, image, scores):
+        with self._file(size).open("a") as f:
+            f.write(json.dumps({"image": image, "scores": scores}) + "\n")
+
+    def grid_row(self, size, index):
+        return self.folder / f"grid_{size}_{index}.png"
+
+
+def run_size(args, low_side, images, vae, source_vae, table_methods, jod, grid_cfm, records):
+    names = [CEILING] + list(table_methods)
+    grid_names = ["(a)", "(d)", "(e)"]
+    done_before = records.load(low_side) if records else {}
+    per_image = []
     grid_rows = []
     for i, path in enumerate(images):
+        known = done_before.get(path.name, {})
+        grid_file = records.grid_row(low_side, i) if records else None
+        want_grid = i < args.grid_images and not (grid_file and grid_file.exists())
+        todo = [n for n in names if n not in known or (want_grid and (n == grid_cfm or n[:3] in grid_names))]
         truth = centre_crop(load_rgb(path), 2 * low_side)[None]
         low_px = downscale2(truth)
+        outputs, scores = {}, {}
+        source_vae.forget()
         with torch.inference_mode():
             z_lo = vae.encode(low_px)
-            outputs = {"TAESD ceiling (GT encoded+decoded)": vae.decode(vae.encode(truth))}
-            for name, fn in table_methods.items():
-                started = time.perf_counter()
+            if CEILING in todo:
+                outputs[CEILING] = vae.decode(vae.encode(truth))
+            for name in todo:
+                if name == CEILING:
+                    continue
+                fn = table_methods[name]
+                charged, started = source_vae.charged, time.perf_counter()
                 if fn is None:
                     img = F.interpolate(vae.decode(z_lo), scale_factor=2, mode="bicubic", align_corners=False)
                 else:
                     img = vae.decode(fn(z_lo))
-                scores[name]["seconds"].append(time.perf_counter() - started)
+                scores[name] = {"seconds": time.perf_counter() - started + source_vae.charged - charged}
                 outputs[name] = img.clamp(0, 1)
         for name, img in outputs.items():
-            scores[name]["psnr"].append(metrics.psnr(img, truth).item())
-            scores[name]["ssim"].append(metrics.ssim(img, truth).item())
-            scores[name]["detail"].append(metrics.detail_ratio(img, truth).item())
-            scores[name]["jod"].append(jod(img, truth))
+            scores.setdefault(name, {"seconds": float("nan")})
+            scores[name].update(psnr=metrics.psnr(img, truth).item(), ssim=metrics.ssim(img, truth).item(),
+                                detail=metrics.detail_ratio(img, truth).item(), jod=jod(img, truth))
+        if records and scores:
+            records.add(low_side, path.name, scores)
+        per_image.append({**known, **scores})
         if i < args.grid_images:
-            pick = [F.interpolate(low_px, scale_factor=2, mode="nearest")] + [
-                outputs[n] for n in names if n.startswith(("(a)", "(d)", "(e)"))] + [
-                outputs[grid_cfm], truth]
-            grid_rows.append(torch.cat(pick, dim=-1))
-        print(f"{low_side}→{2 * low_side}: {i + 1}/{len(images)} {path.name}", file=sys.stderr)
-    mean = {n: {k: (sum(v) / len(v) if v else float("nan")) for k, v in d.items()} for n, d in scores.items()}
+            if want_grid:
+                pick = [F.interpolate(low_px, scale_factor=2, mode="nearest")] + [
+                    outputs[n] for n in names if n[:3] in grid_names] + [outputs[grid_cfm], truth]
+                row = torch.cat(pick, dim=-1)
+                if grid_file:
+                    save_grid([row], grid_file)
+            else:
+                row = load_png(grid_file)
+            grid_rows.append(row)
+        print(f"{low_side}→{2 * low_side}: {i + 1}/{len(images)} {path.name} ({len(todo)} measured)",
+              file=sys.stderr)
+    mean = {}
+    for n in names:
+        values = {k: [r[n][k] for r in per_image if n in r and r[n][k] == r[n][k]] for k in METRICS}
+        mean[n] = {k: (sum(v) / len(v) if v else float("nan")) for k, v in values.items()}
+        mean[n].update({f"{k}_se": standard_error(values[k]) for k in ("psnr", "jod")})
+    # Paired with the regression baseline image by image: the row-to-row difference is far less noisy than
+    # either mean, and (e) is the comparison that comes out close.
+    reg = next((n for n in names if n.startswith("(e)")), None)
+    for n in names:
+        if reg and n.startswith("(f)"):
+            pairs = [r[n]["jod"] - r[reg]["jod"] for r in per_image if n in r and reg in r]
+            mean[n]["jod_vs_e"] = sum(pairs) / len(pairs) if pairs else float("nan")
+            mean[n]["jod_vs_e_se"] = standard_error(pairs)
     return mean, grid_rows
+
+
+def standard_error(values):
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    m = sum(values) / n
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
+
+
+def load_png(path):
+    from PIL import Image
+    import numpy as np
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
 
 
 def merge_rows(old: dict, new: dict) -> dict:
@@ -176,6 +282,12 @@ def markdown(results, args, model_info, n_images):
                          f"{m['seconds']:.2f} |" if m["seconds"] == m["seconds"] else
                          f"| {name} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['jod']:.3f} | {m['detail']:.3f} | – |")
         lines.append("")
+        se = {k: [m[f"{k}_se"] for m in mean.values() if m.get(f"{k}_se", float("nan")) == m.get(f"{k}_se")]
+              for k in ("psnr", "jod")}
+        if se["psnr"]:
+            lines += [f"Standard error of each mean over the images: PSNR {min(se['psnr']):.2f}–{max(se['psnr']):.2f}"
+                      f" dB, JOD {min(se['jod']):.3f}–{max(se['jod']):.3f}. The rows share their images, so "
+                      "differences between rows vary much less than this.", ""]
         lines += targets(mean)
     return "\n".join(lines)
 
@@ -188,7 +300,7 @@ def targets(mean: dict) -> list[str]:
     baselines = {n: m for n, m in mean.items() if n[:3] in ("(a)", "(b)", "(c)", "(d)")}
     regression = next((m for n, m in mean.items() if n.startswith("(e)")), None)
     out = ["| CFM row | wins against (a)–(d) (of " + str(4 * len(baselines)) + ") | all? | against (e): detail, "
-           "JOD, PSNR ≥ (e) − 1 dB |", "|---|---|---|---|"]
+           "JOD, PSNR ≥ (e) − 1 dB | JOD − (e), paired (± s.e.) |", "|---|---|---|---|---|"]
     for name, m in mean.items():
         if not name.startswith("(f)"):
             continue
@@ -199,7 +311,9 @@ def targets(mean: dict) -> list[str]:
             checks = [better["detail"](m["detail"], regression["detail"]), m["jod"] > regression["jod"],
                       m["psnr"] >= regression["psnr"] - 1.0]
             vs_e = " / ".join("yes" if c else "no" for c in checks)
-        out.append(f"| {name[4:]} | {wins} | {'yes' if wins == 4 * len(baselines) else 'no'} | {vs_e} |")
+        paired = (f"{m['jod_vs_e']:+.3f} ± {m['jod_vs_e_se']:.3f}" if m.get("jod_vs_e_se", float("nan")) ==
+                  m.get("jod_vs_e_se") else "–")
+        out.append(f"| {name[4:]} | {wins} | {'yes' if wins == 4 * len(baselines) else 'no'} | {vs_e} | {paired} |")
     return out + [""]
 
 
@@ -236,9 +350,15 @@ def main(argv=None):
     ap.add_argument("--only", help="measure only the methods whose name matches this regular expression "
                                    "(e.g. '^\\(e\\)'), and take the other rows from --merge")
     ap.add_argument("--merge", help="means written by an earlier run's --json (same images and seed)")
+    ap.add_argument("--records", help="keep per-image scores in this folder and resume from them (a long run "
+                                      "that stops goes on where it stopped; sizes can run in separate processes)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     vae = TAESD.from_folder(args.vae)
+    source_vae = SourceMemo(vae)
     cfm_ck = load_checkpoint(args.model)
     cfm = cfm_ck.build_network(torch.float32)
     city96 = City96LatentUpscaler(args.city96)
@@ -246,7 +366,7 @@ def main(argv=None):
     if args.regression:
         reg_ck = load_checkpoint(args.regression)
         regression = (reg_ck.build_network(torch.float32), reg_ck)
-    table_methods = methods(args, vae, cfm, cfm_ck, city96, regression)
+    table_methods = methods(args, source_vae, cfm, cfm_ck, city96, regression)
     if args.only:
         table_methods = {k: v for k, v in table_methods.items() if re.search(args.only, k)}
     previous = json.loads(Path(args.merge).read_text()) if args.merge else {}
@@ -259,7 +379,8 @@ def main(argv=None):
         args.grid_images = 0  # a partial run has not got the grid's columns
     for size, count in zip(sizes, counts):
         grid_cfm = f"(f) CFM euler {args.sweep_evals} evals, k={cfm_ck.method.noise_step}"
-        mean, grid = run_size(args, size, images[:count], vae, table_methods, jod, grid_cfm)
+        mean, grid = run_size(args, size, images[:count], vae, source_vae, table_methods, jod, grid_cfm,
+                              Records(args.records) if args.records else None)
         label = f"{size} → {2 * size} px (long side), {min(count, len(images))} images"
         mean = merge_rows(previous.get(label, {}), mean)
         results[label] = mean
