@@ -168,11 +168,10 @@ class Records:
 def run_size(args, low_side, images, vae, source_vae, table_methods, jod, grid_cfm, records):
     names = [CEILING] + list(table_methods)
     grid_names = ["(a)", "(d)", "(e)"]
-    done_before = records.load(low_side) if records else {}
     per_image = []
     grid_rows = []
     for i, path in enumerate(images):
-        known = done_before.get(path.name, {})
+        known = (records.load(low_side) if records else {}).get(path.name, {})  # other shards may have added
         grid_file = records.grid_row(low_side, i) if records else None
         want_grid = i < args.grid_images and not (grid_file and grid_file.exists())
         todo = [n for n in names if n not in known or (want_grid and (n == grid_cfm or n[:3] in grid_names))]
@@ -353,6 +352,8 @@ def main(argv=None):
     ap.add_argument("--records", help="keep per-image scores in this folder and resume from them (a long run "
                                       "that stops goes on where it stopped; sizes can run in separate processes)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--shard", help="K/N: measure only images K, K+N, K+2N, … into --records (one process per "
+                                    "core); a run without --shard then reads them all and writes the table")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -377,16 +378,28 @@ def main(argv=None):
     counts = [int(c) for c in args.count.split(",")]
     if args.only:
         args.grid_images = 0  # a partial run has not got the grid's columns
+    if args.shard and not args.records:
+        ap.error("--shard needs --records")
     for size, count in zip(sizes, counts):
         grid_cfm = f"(f) CFM euler {args.sweep_evals} evals, k={cfm_ck.method.noise_step}"
-        mean, grid = run_size(args, size, images[:count], vae, source_vae, table_methods, jod, grid_cfm,
+        chosen = images[:count]
+        if args.shard:
+            k, n = (int(v) for v in args.shard.split("/"))
+            chosen = chosen[k::n]
+            args.grid_images = 0  # grid rows are by position in the whole list: the run over all shards makes them
+        mean, grid = run_size(args, size, chosen, vae, source_vae, table_methods, jod, grid_cfm,
                               Records(args.records) if args.records else None)
+        if args.shard:
+            continue  # the table comes from a run over all shards
         label = f"{size} → {2 * size} px (long side), {min(count, len(images))} images"
         mean = merge_rows(previous.get(label, {}), mean)
         results[label] = mean
         raw[label] = mean
         if grid:
             save_grid(grid, Path(args.results).parent / f"quality_grid_{size}.jpg")
+    if args.shard:
+        print(f"shard {args.shard} measured into {args.records}", file=sys.stderr)
+        return
     params = sum(v.numel() for v in cfm_ck.state_dict.values())
     info = (f"{params / 1e6:.2f} M parameters, {cfm_ck.method.upsampling_mode} mode, trained noise step "
             f"{cfm_ck.method.noise_step}")
