@@ -269,6 +269,9 @@ def markdown(results, args, model_info, n_images):
              "decoded with the TAESD decoder; seed 0",
              "- metrics: PSNR/SSIM on luma (higher is better), ColorVideoVDP JOD (standard_4k display, 10 = "
              "identical), detail = high-frequency energy / ground truth's (1.0 ideal, < 1 blurrier, > 1 noisier)",
+             *(["- s/image: measured by the process that scored each image (per-image records, possibly several "
+                "processes side by side, one per core), so compare times within a table, not across machines"]
+               if args.records else []),
              ""]
     lines += ["Image grids: `bench/quality_grid_256.jpg`, `bench/quality_grid_512.jpg` (columns: low-res, latent "
               "bilinear, city96, regression baseline when measured, CFM Euler "

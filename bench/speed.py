@@ -141,8 +141,9 @@ def main(argv=None):
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--evals", default="1,2,4,8,20")
     ap.add_argument("--quick", action="store_true",
-                    help="CPU-sized: batch 1, one run, evaluations 1/4/20, the hires-fix pass timed for one of its "
-                         "20 evaluations and multiplied by 20, the large output at 1 evaluation")
+                    help="CPU-sized: batch 1 (the shipped model also at 4), one run, evaluations 1/4/8/20, the "
+                         "hires-fix pass timed for one of its 20 evaluations and multiplied by 20, the large output "
+                         "at 1 evaluation")
     ap.add_argument("--results", default=str(REPO / "bench" / "RESULTS.md"))
     ap.add_argument("--json")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile and CUDA-graph runs")
@@ -168,7 +169,7 @@ def main(argv=None):
     def add(name, dtype, batch, evaluations, seconds, mem, flops):
         rows.append(dict(name=name, dtype=str(dtype).split(".")[-1], batch=batch, evals=evaluations,
                          ms_per_image=1000 * seconds / batch, peak_mib=mem / 2 ** 20,
-                         floor_ms=(1000 * flops * evaluations / rates[str(dtype).split(".")[-1]] / batch
+                         floor_ms=(1000 * flops * evaluations / rates[str(dtype).split(".")[-1]]  # flops: per image
                                    if flops else None)))
         print(json.dumps(rows[-1]), file=sys.stderr)
 
@@ -211,7 +212,8 @@ def main(argv=None):
                 for mode in compile_modes:
                     run_net = prepare_network(net, device, RuntimeOptions(compile=mode))
                     tag = "" if mode == "off" else f" [{mode}]"
-                    for batch in batches:
+                    # --quick still times the shipped model at batch 4 too: seconds on a CPU
+                    for batch in (batches if path is None or not args.quick else [1, 4]):
                         latent = torch.randn(batch, 4, 64, 64, device=device) * 5
                         x1 = torch.randn(batch, 4, 128, 128, device=device)
                         flops = flops_of(lambda: net(x1, torch.tensor(0.5, device=device), x1)) / batch
@@ -302,8 +304,8 @@ NOTES = [
     "the timed runs after the warm-up (memory the warm-up already took is not counted again).",
     "- 2048²→4096² row: the window size the node would choose with 12 GiB free (`flow.tiling.plan_run`), "
     "run through the node's tiled path.",
-    "- Half precision (fp16/bf16), batch 4, torch.compile and CUDA-graph rows, and the GPU targets are measured "
-    "only on a GPU (`bench/speed.py --compile`).",
+    "- Half precision (fp16/bf16), batch 4 for the full-size network, torch.compile and CUDA-graph rows, and the "
+    "GPU targets are measured only on a GPU (`bench/speed.py --compile`).",
 ]
 
 
