@@ -240,7 +240,7 @@ def standard_error(values):
 def load_png(path):
     from PIL import Image
     import numpy as np
-    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
 
 
 def merge_rows(old: dict, new: dict) -> dict:
