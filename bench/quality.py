@@ -19,6 +19,7 @@ import json
 import math
 import platform
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -230,11 +231,7 @@ def run_size(args, low_side, images, vae, source_vae, table_methods, jod, grid_c
 
 
 def standard_error(values):
-    n = len(values)
-    if n < 2:
-        return float("nan")
-    m = sum(values) / n
-    return math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
 
 
 def load_png(path):
