@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Quality benchmark: 2× upscaling on held-out photos, every method decoded with the same decoder (TAESD).
 
-    .venv/bin/python bench/quality.py --model weights/fmboost-sd15-x2.safetensors --val ../shared/data/photos/val
+    .venv/bin/python bench/quality.py --model weights/cfm/fmboost-sd15-x2.safetensors --val ../shared/data/photos/val
 
 For each val image: ground truth = centre crop of 2S pixels (long side), low-res = ground truth downscaled ×2
 (antialiased) and encoded. Methods: (a) latent bilinear, (b) pixel-space up-sampling (decode → bilinear →
@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from _pack import REPO, load_pack  # noqa: E402
 
 load_pack()
-from fmboost.flow import SolverSettings, UpscaleSettings, upscale  # noqa: E402
+from fmboost.flow import MODES, SolverSettings, upscale  # noqa: E402
+from fmboost.flow.settings import AUTO, MODEL_NOISE_STEP, resolve  # noqa: E402
 from fmboost.flow.source import make_source  # noqa: E402
 from fmboost.models import load_checkpoint  # noqa: E402
 from fmboost.models.taesd import TAESD  # noqa: E402
@@ -102,10 +103,10 @@ def methods(args, source_vae, cfm, cfm_ck, city96, regression):
     """name → function(raw low-res latent) → raw high-res latent; pixel-space sources go through `source_vae`."""
     s = 0.18215
 
-    def cfm_run(solver, step):
-        settings = UpscaleSettings(scale_factor=cfm_ck.method.scale_factor, mode=cfm_ck.method.upsampling_mode,
-                                   noise_step=step, seed=0, solver=solver,
-                                   size_multiple=cfm_ck.net_config.size_multiple)
+    def cfm_run(solver=None, step=MODEL_NOISE_STEP, upsampling=AUTO):
+        # flow.settings.resolve, as the node: the trained mode and step, the recommended solver, unless given
+        settings = resolve(cfm_ck.method, size_multiple=cfm_ck.net_config.size_multiple, upsampling=upsampling,
+                           noise_step=step, seed=0, solver=solver, have_vae=True).settings
         return lambda z: upscale(cfm, z, settings, vae=source_vae)
 
     out = {
@@ -122,6 +123,12 @@ def methods(args, source_vae, cfm, cfm_ck, city96, regression):
             return reg_net(src, torch.zeros(()), src) / s
         out["(e) regression baseline"] = regress
     default_step = cfm_ck.method.noise_step
+    # What a user gets: the node's defaults (every widget untouched, no solver connected), and the same in each
+    # up-sampling mode, so that a model/mode mismatch shows in the table.
+    rec = f"{cfm_ck.method.solver} {cfm_ck.method.solver_steps}"
+    out[f"(f) CFM node defaults ({cfm_ck.method.upsampling_mode} mode, {rec}, k={default_step})"] = cfm_run()
+    for mode in MODES:
+        out[f"(f) CFM {mode} mode ({rec}, k={default_step})"] = cfm_run(upsampling=mode)
     for evals in args.evals:
         out[f"(f) CFM euler {evals} eval{'s' if evals > 1 else ''}, k={default_step}"] = cfm_run(
             SolverSettings("euler", steps=evals), default_step)
@@ -135,7 +142,7 @@ def methods(args, source_vae, cfm, cfm_ck, city96, regression):
 
 
 CEILING = "TAESD ceiling (GT encoded+decoded)"
-METRICS = ("psnr", "ssim", "jod", "detail", "seconds")
+METRICS = ("psnr", "ssim", "jod", "detail", "colour", "seconds")
 
 
 class Records:
@@ -198,7 +205,8 @@ def run_size(args, low_side, images, vae, source_vae, table_methods, jod, grid_c
         for name, img in outputs.items():
             scores.setdefault(name, {"seconds": float("nan")})
             scores[name].update(psnr=metrics.psnr(img, truth).item(), ssim=metrics.ssim(img, truth).item(),
-                                detail=metrics.detail_ratio(img, truth).item(), jod=jod(img, truth))
+                                detail=metrics.detail_ratio(img, truth).item(), jod=jod(img, truth),
+                                colour=metrics.colour_error(img, truth).item())
         if records and scores:
             records.add(low_side, path.name, scores)
         per_image.append({**known, **scores})
@@ -216,8 +224,10 @@ def run_size(args, low_side, images, vae, source_vae, table_methods, jod, grid_c
               file=sys.stderr)
     mean = {}
     for n in names:
-        values = {k: [r[n][k] for r in per_image if n in r and r[n][k] == r[n][k]] for k in METRICS}
+        values = {k: [r[n][k] for r in per_image if n in r and r[n].get(k, math.nan) == r[n].get(k)]
+                  for k in METRICS}
         mean[n] = {k: (sum(v) / len(v) if v else float("nan")) for k, v in values.items()}
+        mean[n]["n"] = len(values["psnr"])
         mean[n].update({f"{k}_se": standard_error(values[k]) for k in ("psnr", "jod")})
     # Paired with the regression baseline image by image: the row-to-row difference is far less noisy than
     # either mean, and (e) is the comparison that comes out close.
@@ -265,21 +275,24 @@ def markdown(results, args, model_info, n_images):
              f"- data: {n_images} images per size from `{Path(args.val).name}/` (never trained on); all methods "
              "decoded with the TAESD decoder; seed 0",
              "- metrics: PSNR/SSIM on luma (higher is better), ColorVideoVDP JOD (standard_4k display, 10 = "
-             "identical), detail = high-frequency energy / ground truth's (1.0 ideal, < 1 blurrier, > 1 noisier)",
+             "identical), detail = high-frequency energy / ground truth's (1.0 ideal, < 1 blurrier, > 1 noisier), "
+             "colour error = mean over R, G, B of |channel mean − ground truth's| (0–255, lower is better)",
              *(["- s/image: measured by the process that scored each image (per-image records, possibly several "
                 "processes side by side, one per core), so compare times within a table, not across machines"]
                if args.records else []),
              ""]
     lines += ["Image grids: `bench/quality_grid_256.jpg`, `bench/quality_grid_512.jpg` (columns: low-res, latent "
               "bilinear, city96, regression baseline when measured, CFM Euler "
-              f"{args.sweep_evals} evaluations, ground truth). Reading: `weights/MODEL_CARD.md` (Measured quality).",
+              f"{args.sweep_evals} evaluations, ground truth). Reading: `weights/cfm/MODEL_CARD.md` (Measured quality).",
               ""]
     for size, mean in results.items():
-        lines += [f"### {size}", "", "| method | PSNR dB | SSIM | JOD | detail | s/image |", "|---|---|---|---|---|---|"]
+        lines += [f"### {size}", "", "| method | PSNR dB | SSIM | JOD | detail | colour error | s/image |",
+                  "|---|---|---|---|---|---|---|"]
         for name, m in mean.items():
+            secs = f"{m['seconds']:.2f}" if m["seconds"] == m["seconds"] else "–"
+            colour = f"{m['colour']:.2f}" if m.get("colour", float("nan")) == m.get("colour") else "–"
             lines.append(f"| {name} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['jod']:.3f} | {m['detail']:.3f} | "
-                         f"{m['seconds']:.2f} |" if m["seconds"] == m["seconds"] else
-                         f"| {name} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['jod']:.3f} | {m['detail']:.3f} | – |")
+                         f"{colour} | {secs} |")
         lines.append("")
         se = {k: [m[f"{k}_se"] for m in mean.values() if m.get(f"{k}_se", float("nan")) == m.get(f"{k}_se")]
               for k in ("psnr", "jod")}
@@ -287,8 +300,39 @@ def markdown(results, args, model_info, n_images):
             lines += [f"Standard error of each mean over the images: PSNR {min(se['psnr']):.2f}–{max(se['psnr']):.2f}"
                       f" dB, JOD {min(se['jod']):.3f}–{max(se['jod']):.3f}. The rows share their images, so "
                       "differences between rows vary much less than this.", ""]
-        lines += targets(mean)
+        lines += user_targets(mean) + targets(mean)
     return "\n".join(lines)
+
+
+def flat_field(cfm, cfm_ck, vae, side=64) -> float:
+    """A flat input must stay flat: an empty 512² px latent (all zeros, as EmptyLatentImage makes) cascaded
+    twice at the node defaults and decoded; returns the largest per-channel standard deviation (0–255)."""
+    settings = resolve(cfm_ck.method, size_multiple=cfm_ck.net_config.size_multiple, have_vae=True).settings
+    z = torch.zeros(1, 4, side, side)
+    with torch.inference_mode():
+        for _ in range(2):
+            z = upscale(cfm, z, settings, vae=vae)
+        img = vae.decode(z)
+    return float(img.std(dim=(-2, -1)).max() * 255)
+
+
+def user_targets(mean: dict) -> list[str]:
+    """Issue 12's targets for what users get (the node-defaults row): PSNR, SSIM and JOD at least those of
+    bicubic (c) and city96 (d), detail within 0.5–1.5, colour error no larger than bicubic's."""
+    row = next(((n, m) for n, m in mean.items() if "node defaults" in n), None)
+    c = next((m for n, m in mean.items() if n.startswith("(c)")), None)
+    d = next((m for n, m in mean.items() if n.startswith("(d)")), None)
+    if row is None or c is None or d is None:
+        return []
+    name, m = row
+    ok = lambda v: "yes" if v else "**no**"  # noqa: E731
+    out = ["| node defaults vs | PSNR | SSIM | JOD | detail in 0.5–1.5 | colour error ≤ (c) |", "|---|---|---|---|---|---|"]
+    for label, b in (("(c) bicubic", c), ("(d) city96", d)):
+        out.append(f"| {label} | {ok(m['psnr'] >= b['psnr'])} ({m['psnr'] - b['psnr']:+.2f} dB) | "
+                   f"{ok(m['ssim'] >= b['ssim'])} ({m['ssim'] - b['ssim']:+.4f}) | "
+                   f"{ok(m['jod'] >= b['jod']) if m['jod'] == m['jod'] else '–'} | {ok(0.5 <= m['detail'] <= 1.5)} | "
+                   f"{ok(m.get('colour', math.nan) <= c.get('colour', math.nan))} |")
+    return out + [""]
 
 
 def targets(mean: dict) -> list[str]:
@@ -352,6 +396,8 @@ def main(argv=None):
     ap.add_argument("--records", help="keep per-image scores in this folder and resume from them (a long run "
                                       "that stops goes on where it stopped; sizes can run in separate processes)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--flat", action="store_true", help="also cascade an empty 512² latent at the node defaults "
+                                                         "and report how flat the result stays")
     ap.add_argument("--shard", help="K/N: measure only images K, K+N, K+2N, … into --records (one process per "
                                     "core); a run without --shard then reads them all and writes the table")
     args = ap.parse_args(argv)
@@ -404,6 +450,10 @@ def main(argv=None):
     info = (f"{params / 1e6:.2f} M parameters, {cfm_ck.method.upsampling_mode} mode, trained noise step "
             f"{cfm_ck.method.noise_step}")
     text = markdown(results, args, info, ", ".join(str(min(c, len(images))) for c in counts))
+    if args.flat:
+        flat = flat_field(cfm, cfm_ck, vae)
+        text += (f"\nFlat input (an empty 512² px latent cascaded to 2048² px at the node defaults, TAESD decode): "
+                 f"largest per-channel standard deviation {flat:.1f} (0–255; a flat field stays near 0).\n")
     replace_section(Path(args.results), "## Quality:", text)
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=1))

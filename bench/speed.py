@@ -202,7 +202,7 @@ def main(argv=None):
         # CFM: the authors' full-size network and the shipped default, run the way the node runs them
         manifest = json.loads((FIXTURES / "official_config_manifest.json").read_text())
         configs = {"CFM full-size (authors' config, 305.8 M)": (UNetConfig.from_dict(manifest["net_params"]), None)}
-        shipped = REPO / "weights" / "fmboost-sd15-x2.safetensors"
+        shipped = REPO / "weights" / "cfm" / "fmboost-sd15-x2.safetensors"
         if shipped.exists():
             configs["CFM shipped default"] = (None, shipped)
         compile_modes = ["off"] + (["compile", "compile+cudagraphs"] if args.compile else [])

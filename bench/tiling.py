@@ -48,7 +48,7 @@ def seam_ratio(a, b) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=str(REPO / "weights" / "fmboost-sd15-x2.safetensors"))
+    ap.add_argument("--model", default=str(REPO / "weights" / "cfm" / "fmboost-sd15-x2.safetensors"))
     ap.add_argument("--val", default=str(SHARED / "data" / "photos" / "val"))
     ap.add_argument("--count", type=int, default=4)
     ap.add_argument("--size", default="512,384", help="ground-truth width,height in pixels")

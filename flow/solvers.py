@@ -20,7 +20,7 @@ METHODS = tuple(FIXED_METHODS) + ADAPTIVE_METHODS
 @dataclass(frozen=True)
 class SolverSettings:
     method: str = "euler"
-    steps: int = 8              # fixed-step methods: integration steps
+    steps: int = 4              # fixed-step methods: integration steps
     atol: float = 1e-5          # adaptive: absolute tolerance
     rtol: float = 1e-3          # adaptive: relative tolerance
     max_evals: int = 200        # adaptive: cap on network evaluations

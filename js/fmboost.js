@@ -13,10 +13,17 @@ function widgetValue(node, name) {
 }
 
 function upstream(node, inputName) {
-  const input = node?.inputs?.find((i) => i.name === inputName);
-  if (!input || input.link == null) return null;
-  const link = node.graph?.links?.[input.link] ?? node.graph?.links?.get?.(input.link);
-  return link ? node.graph.getNodeById(link.origin_id) : null;
+  const slot = node?.inputs?.findIndex((i) => i.name === inputName) ?? -1;
+  if (slot < 0) return null;
+  let link;
+  if (typeof node.getInputLink === "function") {
+    link = node.getInputLink(slot);  // frontends ≥ 1.5x deprecate reading input.link directly
+  } else {
+    const id = node.inputs[slot].link;
+    if (id == null) return null;
+    link = node.graph?.links?.[id] ?? node.graph?.links?.get?.(id);
+  }
+  return link ? node.graph?.getNodeById(link.origin_id) ?? null : null;
 }
 
 // Latent size [h, w] a node produces, where the graph tells; null when only a run can tell.
@@ -56,17 +63,24 @@ export function latentSizeOf(node, depth = 0) {
   }
 }
 
+// Every size is width×height, latents and pixels alike.
 export function sizeLabel(node) {
   if (node.fmboostResult) {
     const r = node.fmboostResult;
     const [h, w] = r.output.slice(-2);
     const [ih, iw] = r.input.slice(-2);
-    return `${ih}×${iw} → ${h}×${w} latent · ${w * 8}×${h * 8} px · ${r.evaluations} evals · ${r.seconds.toFixed(2)} s`;
+    return `${iw}×${ih} → ${w}×${h} latent · ${w * 8}×${h * 8} px · ${r.evaluations} evals · ${r.seconds.toFixed(2)} s`;
   }
   const s = latentSizeOf(upstream(node, "samples"));
-  if (!s) return "→ 2× the input's height and width";
+  if (!s) return "→ 2× the input's width and height";
   const [h, w] = s;
-  return `${h}×${w} → ${2 * h}×${2 * w} latent · ${16 * w}×${16 * h} px`;
+  return `${w}×${h} → ${2 * w}×${2 * h} latent · ${16 * w}×${16 * h} px`;
+}
+
+// A second line under the node when the last run warned (e.g. a mode the model was not trained for).
+export function warningLabel(node) {
+  const warning = node.fmboostResult?.warning;
+  return warning ? `⚠ ${warning}` : "";
 }
 
 function applySolverVisibility(node) {
@@ -95,6 +109,11 @@ app.registerExtension({
         ctx.textAlign = "left";
         // Below the node: inside it, the frontend draws previews and their captions.
         ctx.fillText(this.fmboostLabel, 4, this.size[1] + 16);
+        this.fmboostWarning = warningLabel(this);
+        if (this.fmboostWarning) {
+          ctx.fillStyle = "#e9a23b";
+          ctx.fillText(this.fmboostWarning, 4, this.size[1] + 32);
+        }
         ctx.restore();
       };
       const onExecuted = nodeType.prototype.onExecuted;

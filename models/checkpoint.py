@@ -47,6 +47,11 @@ class MethodSettings:
     low_res: int = 64                    # trained low-res latent size
     high_res: int = 128                  # trained high-res latent size
     latent_family: str = "sd1"           # latent space the network works in (SD1.x: 4 channels)
+    source_vae: str = "connected"        # pixel mode: the VAE that built the trained sources. "connected": the
+    #                                      latent's own VAE must be connected; "taesd": the pack's TAESD builds
+    #                                      the source when no VAE is connected
+    solver: str = "euler"                # recommended solver when none is connected
+    solver_steps: int = 4                # ... and its integration steps
 
     @classmethod
     def from_dict(cls, d: dict) -> "MethodSettings":

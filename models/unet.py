@@ -237,7 +237,9 @@ class CFMUNet(nn.Module):
             t = t.reshape(1).expand(x.shape[0])
         dtype = self.dtype
         emb_dtype = self.time_embed[0].weight.dtype
-        emb = self.time_embed(timestep_sinusoid(t, self.config.model_channels).to(emb_dtype)).to(dtype)
+        # fp32 under autocast too (training), as `set_precision` keeps it at inference
+        with torch.autocast(x.device.type, enabled=False):
+            emb = self.time_embed(timestep_sinusoid(t, self.config.model_channels).to(emb_dtype)).to(dtype)
         h = torch.cat([x, context], dim=1).to(dtype)
         if self.channels_last:
             h = h.contiguous(memory_format=torch.channels_last)

@@ -19,14 +19,31 @@ from ..flow.tiling import DoesNotFit, bytes_per_pixel, min_window, plan_run
 from ..models import MethodSettings, UNetConfig
 
 MODEL_FOLDERS = ("cfm", "latent_upscale_models")
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED_DIR = os.path.join(PACK_DIR, "weights", "cfm")   # the models that come with the pack
+DEFAULT_MODEL = "fmboost-sd15-x2.safetensors"
 
 
 def register_model_folders() -> None:
-    """`latent_upscale_models` is native in recent ComfyUI; `cfm` is ours. Add either where it is missing."""
+    """Where CFM models are found, in this order (the first file of a name wins):
+
+    1. `models/cfm` and any `cfm` paths of `extra_model_paths.yaml`;
+    2. the pack's own `weights/cfm` (the shipped models: listed right after install, nothing copied);
+    3. `models/latent_upscale_models` and its extra paths.
+
+    `latent_upscale_models` is native in recent ComfyUI; `cfm` is ours. Either is added where it is missing."""
+    exts = set(folder_paths.supported_pt_extensions)
     for name in MODEL_FOLDERS:
+        default = os.path.join(folder_paths.models_dir, name)
         if name not in folder_paths.folder_names_and_paths:
-            folder_paths.folder_names_and_paths[name] = (
-                [os.path.join(folder_paths.models_dir, name)], set(folder_paths.supported_pt_extensions))
+            folder_paths.folder_names_and_paths[name] = ([default], exts)
+            continue
+        paths, known = folder_paths.folder_names_and_paths[name]
+        if default not in paths:
+            paths.insert(0, default)
+        if not known:  # made by extra_model_paths.yaml before us: without extensions every file would be listed
+            folder_paths.folder_names_and_paths[name] = (paths, exts)
+    folder_paths.add_model_folder_path("cfm", SHIPPED_DIR)  # appended: after the user's own cfm folders
 
 
 def list_checkpoints() -> list[str]:
@@ -129,6 +146,20 @@ class ComfyVAE:
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(pixels.clamp(0, 1).movedim(1, -1))
+
+
+_TAESD = {}
+
+
+def builtin_taesd(device):
+    """The pack's own TAESD (weights/taesd, MIT) on `device`, for pixel-mode sources when no VAE is connected.
+    Small (2.4 M parameters), so it is kept outside ComfyUI's model management."""
+    from ..models.taesd import TAESD
+    key = str(device)
+    if key not in _TAESD:
+        _TAESD.clear()
+        _TAESD[key] = TAESD.from_folder(os.path.join(PACK_DIR, "weights", "taesd")).to(device)
+    return _TAESD[key]
 
 
 class ProgressReporter:

@@ -7,15 +7,13 @@ import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 
-from ..flow import MODES, EvaluationBudgetExceeded, InputError, UpscaleSettings, upscale
+from ..flow import EvaluationBudgetExceeded, InputError, upscale
 from ..flow.pipeline import check_latent
+from ..flow.settings import AUTO, MODEL_NOISE_STEP, UPSAMPLING_CHOICES, MissingVAE, resolve
 from ..flow.source import upsample_mask
 from ..flow.tiling import run_with_smaller_tiles
-from .comfy_model import CFMModel, ComfyVAE, ProgressReporter
+from .comfy_model import CFMModel, ComfyVAE, ProgressReporter, builtin_taesd
 from .socket_types import CFMModelType, CFMSolverType
-from .solver_settings import DEFAULT_SOLVER
-
-MODEL_DEFAULT = -1
 
 
 class CFMLatentUpscale(io.ComfyNode):
@@ -32,21 +30,26 @@ class CFMLatentUpscale(io.ComfyNode):
             inputs=[
                 io.Custom(CFMModelType).Input("cfm_model", tooltip="From Load CFM Model."),
                 io.Latent.Input("samples", tooltip="An SD1.x/LCM latent, e.g. a KSampler's output or VAE Encode."),
-                io.Int.Input("noise_augmentation", default=MODEL_DEFAULT, min=MODEL_DEFAULT, max=999,
+                io.Int.Input("noise_augmentation", default=MODEL_NOISE_STEP, min=MODEL_NOISE_STEP, max=999,
                              tooltip="Step (0–999) of the forward diffusion used to noise the upsampled source "
                                      "before the flow. Higher: more invented detail, less faithful; 0: none. "
                                      "-1: the step the model was trained with (400 for the authors' models)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the augmentation noise. Item i of a batch uses seed + its "
                                      "batch index, like ComfyUI's samplers."),
-                io.Combo.Input("upsampling", options=list(MODES), default="latent",
-                               tooltip="How the source is brought to the high-res grid. latent: bilinear ×2 of "
-                                       "the latent (fast). pixel: VAE decode → bilinear ×2 → VAE encode, as the "
-                                       "authors' models were trained; needs the vae input."),
+                io.Combo.Input("upsampling", options=list(UPSAMPLING_CHOICES), default=AUTO,
+                               tooltip="How the source is brought to the high-res grid. auto: the way the model "
+                                       "was trained (recommended). latent: bilinear ×2 of the latent. pixel: VAE "
+                                       "decode → ×2 → VAE encode. A mode the model was not trained for runs, "
+                                       "with a warning: expect a worse image."),
                 io.Custom(CFMSolverType).Input("solver", optional=True,
-                                               tooltip="From CFM Solver Settings. Unconnected: euler, 4 steps."),
-                io.Vae.Input("vae", optional=True, tooltip="Needed for pixel up-sampling: the VAE that made the "
-                                                           "latent (SD1.x, or TAESD)."),
+                                               tooltip="From CFM Solver Settings. Unconnected: the solver the "
+                                                       "model recommends (its metadata; the shipped model: "
+                                                       "euler, 2 steps)."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="For pixel up-sampling: the VAE that made the latent (SD1.x, or TAESD). "
+                                     "Unconnected: models trained on TAESD sources (the shipped ones) use the "
+                                     "pack's own TAESD; other pixel-mode models ask for it."),
                 io.Int.Input("tile_size", default=0, min=0, max=4096, step=8, optional=True,
                              tooltip="0: automatic: the whole latent at once when it fits in free memory, else "
                                      "the largest windows that fit (and smaller ones after an out-of-memory). "
@@ -60,13 +63,15 @@ class CFMLatentUpscale(io.ComfyNode):
     def execute(cls, cfm_model: CFMModel, samples, noise_augmentation, seed, upsampling, solver=None,
                 vae=None, tile_size=0) -> io.NodeOutput:
         latent = samples["samples"]
-        solver = solver or DEFAULT_SOLVER
-        step = cfm_model.method.noise_step if noise_augmentation == MODEL_DEFAULT else noise_augmentation
-        if upsampling == "pixel" and vae is None:
-            raise ValueError("CFM Latent Upscale: pixel up-sampling needs a VAE: connect the vae input "
-                             "(the VAE that made the latent), or choose latent up-sampling")
-        settings = UpscaleSettings(scale_factor=cfm_model.method.scale_factor, mode=upsampling, noise_step=step,
-                                   seed=seed, solver=solver, size_multiple=cfm_model.net_config.size_multiple)
+        try:
+            resolved = resolve(cfm_model.method, size_multiple=cfm_model.net_config.size_multiple,
+                               upsampling=upsampling, noise_step=noise_augmentation, seed=seed, solver=solver,
+                               have_vae=vae is not None)
+        except MissingVAE as e:
+            raise ValueError(f"CFM Latent Upscale: {e}") from None
+        settings, solver = resolved.settings, resolved.settings.solver
+        if resolved.mismatch:
+            logging.warning("CFM Latent Upscale (%s): %s", cfm_model.name, resolved.mismatch)
         started = time.perf_counter()
         try:
             # Bad input is reported before the model is moved to the device or any memory is taken.
@@ -75,6 +80,8 @@ class CFMLatentUpscale(io.ComfyNode):
             plan = cfm_model.load(batch, height, width, tile=tile_size)
             reporter = ProgressReporter(plan.device, solver.planned_evals())
             pixel_vae = ComfyVAE(vae) if vae is not None else None
+            if resolved.builtin_vae:
+                pixel_vae = builtin_taesd(plan.device)
 
             def run(tile):
                 with torch.inference_mode():
@@ -105,5 +112,8 @@ class CFMLatentUpscale(io.ComfyNode):
             result["noise_mask"] = upsample_mask(samples["noise_mask"])
         seconds = time.perf_counter() - started
         info = {"input": list(latent.shape), "output": list(result["samples"].shape), "seconds": round(seconds, 3),
-                "evaluations": reporter.bar.current}
+                "evaluations": reporter.bar.current, "upsampling": settings.mode,
+                "noise_augmentation": settings.noise_step, "solver": f"{solver.method} {solver.steps}"}
+        if resolved.mismatch:
+            info["warning"] = resolved.mismatch
         return io.NodeOutput(result, ui={"fmboost": [info]})

@@ -4,7 +4,7 @@ from comfy_api.latest import io
 
 from ..flow.runtime import COMPILE_MODES, RuntimeOptions
 from ..models import CheckpointError, load_checkpoint
-from .comfy_model import CFMModel, checkpoint_path, list_checkpoints, pick_dtype
+from .comfy_model import DEFAULT_MODEL, CFMModel, checkpoint_path, list_checkpoints, pick_dtype
 from .socket_types import CFMModelType
 
 import comfy.model_management as mm
@@ -13,6 +13,7 @@ import comfy.model_management as mm
 class LoadCFMModel(io.ComfyNode):
     @classmethod
     def define_schema(cls):
+        names = list_checkpoints()
         return io.Schema(
             node_id="FMBoostLoadCFMModel",
             display_name="Load CFM Model",
@@ -21,8 +22,10 @@ class LoadCFMModel(io.ComfyNode):
                         "Reads FMBoost .safetensors, the authors' Lightning .ckpt (safely: no code from the file "
                         "runs) and bare state dicts.",
             inputs=[
-                io.Combo.Input("ckpt_name", options=list_checkpoints(),
-                               tooltip="CFM checkpoint in models/cfm or models/latent_upscale_models."),
+                io.Combo.Input("ckpt_name", options=names,
+                               default=DEFAULT_MODEL if DEFAULT_MODEL in names else None,
+                               tooltip="CFM checkpoint: the pack's shipped models (weights/cfm) and your own in "
+                                       "models/cfm or models/latent_upscale_models."),
                 io.Combo.Input("weight_dtype", options=["auto", "fp32", "fp16", "bf16"], default="auto",
                                tooltip="Precision of the weights on the device. auto: bf16 or fp16 on a GPU "
                                        "that supports it, fp32 on the CPU."),

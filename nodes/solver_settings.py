@@ -5,9 +5,9 @@ from comfy_api.latest import io
 from ..flow import METHODS, SolverSettings
 from .socket_types import CFMSolverType
 
-# 4 Euler evaluations: on held-out photos the shipped model is sharpest-yet-faithful there (bench/RESULTS.md),
-# and it is the speed target the paper promises.
-DEFAULT_SOLVER = SolverSettings(method="euler", steps=4)
+# The widgets start at the core's defaults (flow.solvers.SolverSettings). An unconnected solver input uses the
+# model's recommendation instead (flow.settings.default_solver).
+DEFAULT_SOLVER = SolverSettings()
 
 
 class CFMSolverSettings(io.ComfyNode):

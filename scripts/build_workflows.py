@@ -135,7 +135,7 @@ def txt2img(g: Graph, ckpt_out, clip_out, width=512, height=512, steps=20, cfg=7
                  sampler_name=sampler, scheduler=scheduler, denoise=1.0)
 
 
-def cfm_upscale(g: Graph, cfm_model, samples, col, row=0, vae=None, mode="latent", solver=None, seed=0):
+def cfm_upscale(g: Graph, cfm_model, samples, col, row=0, vae=None, mode="auto", solver=None, seed=0):
     links = {"cfm_model": (cfm_model, 0), "samples": (samples, 0)}
     if solver is not None:
         links["solver"] = (solver, 0)
@@ -187,7 +187,7 @@ def build() -> list[Graph]:
     vae = g.add("VAELoader", 0, 2, vae_name="taesd")
     enc = g.add("VAEEncode", 1, 0, pixels=(img, 0), vae=(vae, 0))
     cfm = g.add("FMBoostLoadCFMModel", 1, 1, ckpt_name=CFM, weight_dtype="auto", weights="ema")
-    up = cfm_upscale(g, cfm, enc, 2, vae=(vae, 0), mode="pixel")
+    up = cfm_upscale(g, cfm, enc, 2, vae=(vae, 0))
     dec = g.add("VAEDecode", 3, 0, samples=(up, 0), vae=(vae, 0))
     g.add("SaveImage", 4, 0, images=(dec, 0), filename_prefix="fmboost/upscaled")
     graphs.append(g)

@@ -15,14 +15,12 @@ elif [ "$(readlink -f "$link")" != "$here" ]; then
   echo "note: $link exists and is not this checkout; ComfyUI will load that one" >&2
 fi
 
-# Shipped weights and the example image, without overwriting anything the user has.
-mkdir -p "$comfy/models/vae_approx" "$comfy/models/cfm" "$comfy/input"
+# The pack's CFM models are found where they are (weights/cfm is registered as a cfm folder): nothing is
+# copied. ComfyUI's own TAESD previews need TAESD in models/vae_approx, and the example workflow an input image;
+# neither overwrites a file the user has.
+mkdir -p "$comfy/models/vae_approx" "$comfy/input"
 for f in "$here"/weights/taesd/taesd_*.safetensors; do
   [ -e "$comfy/models/vae_approx/$(basename "$f")" ] || cp "$f" "$comfy/models/vae_approx/"
-done
-for f in "$here"/weights/*.safetensors; do
-  [ -e "$f" ] || continue
-  [ -e "$comfy/models/cfm/$(basename "$f")" ] || cp "$f" "$comfy/models/cfm/"
 done
 [ -e "$comfy/input/fmboost_example.png" ] || cp "$here/assets/fmboost_example.png" "$comfy/input/"
 

@@ -17,25 +17,38 @@ from _pack import load_pack
 def main(argv=None) -> int:
     load_pack()
     from fmboost.training.train import TrainConfig, train
-    defaults = TrainConfig(images="", out="", run_dir="", vae="")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", required=True, help="folder of training images (searched recursively)")
-    ap.add_argument("--out", required=True, help="output .safetensors (EMA weights, rewritten at every save)")
-    ap.add_argument("--run-dir", required=True, help="latent cache, resumable state, validation grids")
-    ap.add_argument("--vae", required=True, help="TAESD folder (taesd_encoder/decoder.safetensors)")
+    ap.add_argument("--config", help="a recipe: JSON of training settings (keys as the options, with _); "
+                                     "options given on the command line override it")
+    ap.add_argument("--images", help="folder of training images (searched recursively)")
+    ap.add_argument("--out", help="output .safetensors (EMA weights, rewritten at every save)")
+    ap.add_argument("--run-dir", help="latent store, resumable state, validation grids")
+    ap.add_argument("--vae", help="TAESD folder (taesd_encoder/decoder.safetensors) or an SD1.x VAE")
+    ap.add_argument("--init", help="warm start from this FMBoost .safetensors (same network)")
     ap.add_argument("--val-images", help="held-out images for periodic validation")
-    ap.add_argument("--net", type=json.loads, default=defaults.net, help="network params as JSON")
-    for name in ("crop", "crops_per_image", "noise_step", "batch", "warmup", "steps", "val_every", "val_count",
-                 "save_every", "seed"):
-        ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("lr", "weight_decay", "ema", "grad_clip", "max_minutes"):
-        ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
-    ap.add_argument("--mode", choices=("pixel", "latent"), default=defaults.mode)
-    ap.add_argument("--objective", choices=("cfm", "regression"), default=defaults.objective)
-    ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=defaults.precision)
-    ap.add_argument("--grad-checkpointing", action="store_true")
-    args = vars(ap.parse_args(argv))
-    cfg = TrainConfig(**{k: v for k, v in args.items()})
+    ap.add_argument("--net", type=json.loads, help="network params as JSON")
+    for name in ("crop", "max_side", "noise_step", "batch", "warmup", "steps", "val_every", "val_count",
+                 "save_every", "seed", "solver_steps", "max_images"):
+        ap.add_argument("--" + name.replace("_", "-"), type=int)
+    for name in ("lr", "weight_decay", "ema", "grad_clip", "max_minutes", "t_mean"):
+        ap.add_argument("--" + name.replace("_", "-"), type=float)
+    ap.add_argument("--mode", choices=("pixel", "latent"))
+    ap.add_argument("--t-dist", choices=("uniform", "logit_normal"))
+    ap.add_argument("--solver", choices=("euler", "midpoint", "heun", "rk4"))
+    ap.add_argument("--objective", choices=("cfm", "regression"))
+    ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
+    ap.add_argument("--grad-checkpointing", action="store_true", default=None)
+    args = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
+    recipe = json.loads(open(args.pop("config")).read()) if "config" in args else {}
+    recipe.pop("comment", None)
+    settings = {**recipe, **args}
+    missing = [k for k in ("images", "out", "run_dir", "vae") if not settings.get(k)]
+    if missing:
+        ap.error("missing " + ", ".join("--" + k.replace("_", "-") for k in missing))
+    unknown = set(settings) - set(TrainConfig.__dataclass_fields__)
+    if unknown:
+        ap.error(f"unknown settings in the recipe: {', '.join(sorted(unknown))}")
+    cfg = TrainConfig(**settings)
     try:
         result = train(cfg)
     except ValueError as e:

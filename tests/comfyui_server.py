@@ -26,6 +26,29 @@ def comfyui_path() -> Path:
     return path
 
 
+class Setup:
+    """One ComfyUI the tests run against: where it is, what its process needs beside the venv, its frontend."""
+
+    def __init__(self, name, path: Path, pythonpath: Path | None = None, front_end_root: Path | None = None):
+        self.name, self.path, self.pythonpath, self.front_end_root = name, path, pythonpath, front_end_root
+
+    def missing(self) -> str | None:
+        if not (self.path / "main.py").is_file():
+            return f"ComfyUI {self.name} is not provisioned at {self.path} (scripts/provision.sh)"
+        return None
+
+
+def setups() -> dict[str, Setup]:
+    """The pinned ComfyUI (0.3.75 with its frontend, or COMFYUI_PATH) and upstream 0.33.0 with frontend 1.58.1
+    (unpacked by provision.sh from ../shared; its packages in their own folder)."""
+    deps = REPO / ".cache" / "comfyui-0.33-deps"
+    return {
+        "pinned": Setup("pinned", Path(os.environ.get("COMFYUI_PATH") or REPO / ".cache" / "comfyui")),
+        "0.33": Setup("0.33", REPO / ".cache" / "comfyui-0.33", deps,
+                      deps / "comfyui_frontend_package" / "static"),
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -33,8 +56,9 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, base: Path, extra_args=()):
+    def __init__(self, base: Path, extra_args=(), setup: Setup | None = None):
         self.base = base
+        self.setup = setup or setups()["pinned"]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.extra_args = list(extra_args)
@@ -50,9 +74,15 @@ class ComfyServer:
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base), "--disable-auto-launch",
                "--database-url", "sqlite:///:memory:", *self.extra_args]
+        env = dict(os.environ)
+        if self.setup.front_end_root:
+            cmd += ["--front-end-root", str(self.setup.front_end_root)]
+        if self.setup.pythonpath:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.setup.pythonpath), env.get("PYTHONPATH")]))
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        path = self.setup.path if self.setup.name != "pinned" else comfyui_path()
+        self.proc = subprocess.Popen(cmd, cwd=path, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env=env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

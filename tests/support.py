@@ -13,3 +13,12 @@ from _pack import load_pack  # noqa: E402
 
 def register_pack() -> None:
     load_pack()
+
+
+def _needs_shared():
+    import pytest
+    return pytest.mark.skipif(not SHARED.is_dir(), reason=f"needs the reference material in {SHARED} "
+                                                          "(../shared beside the checkout, or FMBOOST_SHARED)")
+
+
+needs_shared = _needs_shared()

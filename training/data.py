@@ -1,10 +1,11 @@
-"""Training pairs as the authors build them, cached as latents so that epochs are cheap.
+"""Training data as the authors build it, encoded once per image so that every step sees fresh crops.
 
-For each image, a few random crops (with random flips) of `crop` pixels:
-    high  = crop                     → encode → z_hi   (the target, x1)
-    low   = crop downscaled ×2       → encode → z_lo   (what a diffusion model would have made)
-    z_up  = decode(z_lo) → bilinear ×2 in pixels → encode   (pixel-mode source, as at inference)
-Latent-mode sources are bilinear(z_lo), computed on the fly. All latents are network-space (× scale).
+For each image (long side at most `max_side`):
+    hi     = image                      → encode   (the target, x1)
+    lo     = image downscaled ×2        → encode   (what a diffusion model would have made)
+    latent = bilinear ×2 of lo                     (latent-mode source)
+    pixel  = decode(lo) → bilinear ×2 in pixels → encode   (pixel-mode source, as at inference)
+Training crops are then taken in latent space. All latents are network-space (× scale).
 """
 from __future__ import annotations
 
@@ -62,98 +63,119 @@ def load_rgb(path: Path) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
-def random_crops(img: torch.Tensor, crop: int, count: int, rng: random.Random) -> torch.Tensor:
-    _, h, w = img.shape
-    out = []
-    for _ in range(count):
-        y, x = rng.randint(0, h - crop), rng.randint(0, w - crop)
-        c = img[:, y:y + crop, x:x + crop]
-        if rng.random() < 0.5:
-            c = c.flip(-1)
-        out.append(c)
-    return torch.stack(out)
-
-
 def downscale2(pixels: torch.Tensor) -> torch.Tensor:
     # Antialiased, like a real low-resolution image rather than a decimated one.
     return F.interpolate(pixels, scale_factor=0.5, mode="bilinear", antialias=True, align_corners=False)
 
 
+# ------------------------------------------------------------------------------------ per-image latent store
+#
+# Each training image is encoded once, whole, instead of as a few fixed crops: every step then draws fresh
+# random crops in latent space, and the sources are built on the whole image as the node builds them at
+# inference (no crop borders inside the source). Per image (network-space latents, bf16):
+#     hi     encode(image)                                              (H/8)   the target
+#     lo     encode(image downscaled ×2)                                (H/16)  what a diffusion model makes
+#     latent, pixel  the source on the high-res grid in each up-sampling mode                    (H/8)
+
+SOURCES = ("latent", "pixel")   # the up-sampling modes (flow.source.MODES), one stored source each
+STORE_CHUNK = 64
+
+
+def prepare_image(img: torch.Tensor, max_side: int) -> torch.Tensor:
+    """(3, H, W) in [0, 1] → long side at most `max_side` (antialiased), both sides cropped to a multiple of 16."""
+    _, h, w = img.shape
+    if max(h, w) > max_side:
+        s = max_side / max(h, w)
+        img = F.interpolate(img[None], size=(round(h * s), round(w * s)), mode="bilinear", antialias=True,
+                            align_corners=False)[0].clamp(0, 1)
+    _, h, w = img.shape
+    h16, w16 = h - h % 16, w - w % 16
+    y, x = (h - h16) // 2, (w - w16) // 2
+    return img[:, y:y + h16, x:x + w16]
+
+
 @torch.inference_mode()
-def encode_pairs(vae, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """pixels (N, 3, S, S) in [0, 1] → network-space latents z_hi (S/8), z_lo (S/16), z_up (S/8)."""
+def encode_image(vae, img: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One prepared image (3, H, W) → its target, low-res latent and every source, network space."""
+    from ..flow.source import make_source
     s = vae.scale_factor
-    pixels = pixels.to(next(vae.parameters()).device)
-    z_hi = vae.encode(pixels) * s
-    z_lo = vae.encode(downscale2(pixels)) * s
-    lo_pixels = vae.decode(z_lo / s)
-    up = F.interpolate(lo_pixels, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
-    z_up = vae.encode(up) * s
-    return {"z_hi": z_hi.cpu(), "z_lo": z_lo.cpu(), "z_up": z_up.cpu()}
+    device = next(vae.parameters()).device
+    pixels = img[None].to(device)
+    out = {"hi": vae.encode(pixels) * s}
+    lo = vae.encode(downscale2(pixels)) * s
+    out["lo"] = lo
+    for mode in SOURCES:
+        out[mode] = make_source(lo, mode, s, vae)
+    return {k: v[0].to("cpu", torch.bfloat16) for k, v in out.items()}
 
 
-def cache_key(images: list[Path], crop: int, per_image: int, seed: int, vae_id: str) -> str:
-    h = hashlib.sha1(json.dumps([[str(p.name), p.stat().st_size] for p in images] + [crop, per_image, seed, vae_id])
-                     .encode()).hexdigest()
-    return h[:16]
+def store_key(images: list[Path], max_side: int, vae_id: str) -> str:
+    return hashlib.sha1(json.dumps([[p.name, p.stat().st_size] for p in images] + [max_side, vae_id,
+                                                                                   list(SOURCES)])
+                        .encode()).hexdigest()[:16]
 
 
-def build_cache(images: list[Path], vae, vae_id: str, cache_dir: str | os.PathLike, crop: int, per_image: int,
-                seed: int = 0, batch: int = 8, progress=None) -> Path:
-    """Encode all pairs once; returns the cache file (reused when images and settings are unchanged)."""
-    from safetensors.torch import load_file, save_file
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"pairs-{cache_key(images, crop, per_image, seed, vae_id)}.safetensors"
-    if path.exists():
-        return path
-    partial = path.with_suffix(".partial.safetensors")
-    parts: dict[str, list[torch.Tensor]] = {"z_hi": [], "z_lo": [], "z_up": []}
-    done = 0
-    if partial.exists():  # resume an interrupted cache build
-        old = load_file(partial)
-        parts = {k: [old[k]] for k in parts}
-        done = int(old["done"].item())
-    rng = random.Random(seed)
-    pending = []
-    for i, p in enumerate(images):
-        crops = random_crops(load_rgb(p), crop, per_image, rng)  # always drawn, so resuming keeps the rng in step
-        if i < done:
+def build_store(images: list[Path], vae, vae_id: str, cache_dir: str | os.PathLike, max_side: int = 768,
+                count: int | None = None, progress=None) -> list[Path]:
+    """Encode the first `count` images (all by default; whole chunks of STORE_CHUNK) once each, into chunk files
+    of a store folder keyed by the whole image list, so a run on fewer images shares the chunks of a run on all
+    of them. A stopped build resumes at its first missing chunk. Returns the chunk files."""
+    from safetensors.torch import save_file
+    folder = Path(cache_dir) / f"store-{store_key(images, max_side, vae_id)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    count = len(images) if count is None else min(count, len(images))
+    paths = []
+    for start in range(0, count, STORE_CHUNK):
+        path = folder / f"chunk-{start // STORE_CHUNK:05d}.safetensors"
+        paths.append(path)
+        if path.exists():
             continue
-        pending.append(crops)
-        if len(pending) * per_image >= batch or i == len(images) - 1:
-            pairs = encode_pairs(vae, torch.cat(pending))
-            for k in parts:
-                parts[k].append(pairs[k].half())
-            pending = []
-            if progress:
-                progress(i + 1, len(images))
-            if (i + 1) % 64 == 0:
-                save_file({k: torch.cat(v) for k, v in parts.items()} | {"done": torch.tensor(i + 1)}, partial)
-    save_file({k: torch.cat(v).contiguous() for k, v in parts.items()}, path,
-              metadata={"crop": str(crop), "per_image": str(per_image), "images": str(len(images)),
-                        "vae": vae_id})
-    partial.unlink(missing_ok=True)
-    return path
+        tensors = {}
+        for i, p in enumerate(images[start:start + STORE_CHUNK], start):
+            for k, v in encode_image(vae, prepare_image(load_rgb(p), max_side)).items():
+                tensors[f"{i}.{k}"] = v.contiguous()
+        tmp = path.with_name(path.name + ".partial")
+        save_file(tensors, tmp, metadata={"vae": vae_id, "max_side": str(max_side)})
+        os.replace(tmp, path)
+        if progress:
+            progress(min(start + STORE_CHUNK, count), count)
+    return paths
 
 
-class PairCache:
-    def __init__(self, path: str | os.PathLike):
+class LatentStore:
+    """Random latent crops of the stored images: `size`² target latents, their (size/2)² low-res latents and
+    the source, taken at even latent offsets so that the low-res crop lines up exactly, randomly flipped."""
+
+    def __init__(self, chunks: list[Path], source: str, min_size: int = 0):
         from safetensors.torch import load_file
-        data = load_file(path)
-        self.z_hi, self.z_lo, self.z_up = data["z_hi"], data["z_lo"], data["z_up"]
+        if source not in SOURCES:
+            raise ValueError(f"unknown up-sampling mode {source!r}; choose one of {', '.join(SOURCES)}")
+        self.source = source
+        self.hi, self.src = [], []
+        for path in chunks:
+            data = load_file(path)
+            for i in sorted({int(k.split(".")[0]) for k in data}):
+                if min(data[f"{i}.hi"].shape[-2:]) >= min_size:
+                    self.hi.append(data[f"{i}.hi"])
+                    self.src.append(data[f"{i}.{source}"])
+        if not self.hi:
+            raise ValueError(f"no stored image is at least {min_size} latent pixels on its short side")
 
     def __len__(self):
-        return self.z_hi.shape[0]
+        return len(self.hi)
 
-    def batch(self, idx: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(target z1, source z_up) for the indices, float32."""
-        z1 = self.z_hi[idx].float()
-        if mode == "pixel":
-            src = self.z_up[idx].float()
-        else:
-            src = F.interpolate(self.z_lo[idx].float(), size=z1.shape[-2:], mode="bilinear", align_corners=False)
-        # a horizontal flip of the latent pair ≈ the flipped crop: two views per cached crop
-        if torch.rand(()) < 0.5:
-            z1, src = z1.flip(-1), src.flip(-1)
-        return z1, src
+    def batch(self, n: int, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(target z1, source) crops, (n, C, size, size) float32."""
+        z1, src = [], []
+        picks = torch.randint(len(self.hi), (n,), generator=gen).tolist()
+        for i in picks:
+            hi, s = self.hi[i], self.src[i]
+            h, w = hi.shape[-2:]
+            y = 2 * int(torch.randint((h - size) // 2 + 1, (), generator=gen))
+            x = 2 * int(torch.randint((w - size) // 2 + 1, (), generator=gen))
+            a, b = hi[:, y:y + size, x:x + size], s[:, y:y + size, x:x + size]
+            if torch.rand((), generator=gen) < 0.5:
+                a, b = a.flip(-1), b.flip(-1)
+            z1.append(a)
+            src.append(b)
+        return torch.stack(z1).float(), torch.stack(src).float()

@@ -53,3 +53,8 @@ def high_frequency_energy(img: torch.Tensor, cutoff: float = 0.25) -> torch.Tens
 def detail_ratio(result: torch.Tensor, truth: torch.Tensor, cutoff: float = 0.25) -> torch.Tensor:
     """High-frequency energy of the result over that of the ground truth: 1.0 is ideal, blur falls below."""
     return high_frequency_energy(result, cutoff) / high_frequency_energy(truth, cutoff).clamp_min(1e-12)
+
+
+def colour_error(result: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Colour cast, per image: the mean over R, G, B of |channel mean of result − of truth|, in 0–255 units."""
+    return ((result.mean(dim=(-2, -1)) - truth.mean(dim=(-2, -1))).abs().mean(-1) * 255)

@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..flow import SolverSettings, UpscaleSettings, q_sample, upscale
+from ..flow import q_sample, upscale
+from ..flow.settings import resolve
 from ..models import MethodSettings, UNetConfig, save_checkpoint
 from ..models.unet import CFMUNet
 from . import metrics
-from .data import PairCache, build_cache, load_rgb, scan_images
+from .data import LatentStore, build_store, load_rgb, scan_images
 
 
 @dataclass
@@ -35,12 +36,17 @@ class TrainConfig:
     run_dir: str
     vae: str
     val_images: str | None = None
-    crop: int = 128
-    crops_per_image: int = 4
+    crop: int = 256                 # pixels: random crops of crop/8 latent pixels, drawn afresh every step
+    max_side: int = 768             # images are encoded once, whole, with their long side at most this
     net: dict = field(default_factory=lambda: dict(model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2,
                                                    attention_resolutions=[4], num_heads=4, dim_head=32))
     mode: str = "pixel"
     noise_step: int = 400
+    t_dist: str = "uniform"         # uniform | logit_normal (t = sigmoid(N(t_mean, 1)))
+    t_mean: float = 0.0
+    solver: str = "euler"           # the solver recommended in the model's metadata
+    solver_steps: int = 4
+    init: str | None = None         # warm start: an FMBoost .safetensors with the same network
     objective: str = "cfm"          # cfm | regression
     batch: int = 32
     lr: float = 2e-4
@@ -49,13 +55,14 @@ class TrainConfig:
     steps: int = 20000
     ema: float = 0.999
     grad_clip: float = 1.0
-    precision: str = "fp32"         # fp32 | bf16 | fp16 (autocast; GPU)
+    precision: str = "fp32"         # fp32 | bf16 | fp16 (autocast; bf16 on the CPU too)
     grad_checkpointing: bool = False
     val_every: int = 1000
     val_count: int = 8
     save_every: int = 250
     seed: int = 0
     max_minutes: float | None = None
+    max_images: int | None = None   # train on the first this many images of a fixed shuffle (whole chunks of 64)
 
 
 class EMA:
@@ -115,8 +122,11 @@ def _save_atomic(obj, path: Path):
 
 
 def _method(cfg: TrainConfig) -> MethodSettings:
+    source_vae = "taesd" if cfg.vae and Path(cfg.vae).is_dir() and cfg.mode == "pixel" else "connected"
     return MethodSettings(scale_factor=0.18215, upsampling_mode=cfg.mode, noise_step=cfg.noise_step,
-                          low_res=cfg.crop // 16, high_res=cfg.crop // 8, latent_family="sd1")
+                          low_res=cfg.crop // 16, high_res=cfg.crop // 8, latent_family="sd1",
+                          source_vae=source_vae, solver=cfg.solver,
+                          solver_steps=cfg.solver_steps)
 
 
 def export(cfg: TrainConfig, ema_net, step: int, extra: dict | None = None):
@@ -152,20 +162,24 @@ class Validator:
         net.eval()
         vae = self.vae
         if cfg.objective == "cfm":
-            s = UpscaleSettings(mode=cfg.mode, noise_step=cfg.noise_step, seed=0,
-                                solver=SolverSettings("euler", steps=8), size_multiple=net.config.size_multiple)
+            s = resolve(_method(cfg), size_multiple=net.config.size_multiple, have_vae=True).settings
             out_raw = upscale(net, self.lo_raw, s, vae=vae, device=self.device)
         else:
             src = self._source()
             out_raw = net(src, torch.zeros((), device=self.device), src) / 0.18215
         result = vae.decode(out_raw).cpu()
         bilinear = vae.decode(F.interpolate(self.lo_raw, scale_factor=2, mode="bilinear", align_corners=False)).cpu()
-        low = F.interpolate(vae.decode(self.lo_raw).cpu(), scale_factor=2, mode="nearest")
+        low_px = vae.decode(self.lo_raw).cpu()
+        low = F.interpolate(low_px, scale_factor=2, mode="nearest")
+        bicubic = F.interpolate(low_px, scale_factor=2, mode="bicubic", align_corners=False).clamp(0, 1)
+        source = vae.decode(self._source() / 0.18215).cpu()  # what the flow starts from, decoded
         scores = {}
-        for name, img in (("model", result), ("latent_bilinear", bilinear)):
+        for name, img in (("model", result), ("latent_bilinear", bilinear), ("bicubic", bicubic),
+                          ("source", source)):
             scores[name] = {"psnr": metrics.psnr(img, self.truth).mean().item(),
                             "ssim": metrics.ssim(img, self.truth).mean().item(),
-                            "detail": metrics.detail_ratio(img, self.truth).mean().item()}
+                            "detail": metrics.detail_ratio(img, self.truth).mean().item(),
+                            "colour": metrics.colour_error(img, self.truth).mean().item()}
         self._grid([low, bilinear, result, self.truth], run_dir / f"val_{step:07d}.png")
         (run_dir / f"val_{step:07d}.json").write_text(json.dumps({"step": step, **scores}, indent=1))
         return scores
@@ -199,17 +213,23 @@ def train(cfg: TrainConfig, log=print) -> dict:
         log(f"data: {report.summary()}")
     if not report.usable:
         raise ValueError(f"no usable training images in {cfg.images} ({report.summary()})")
-    cache_path = None
+    images = training_images(report.usable, cfg.seed)
+    cache_dir = Path(os.environ.get("FMBOOST_CACHE") or run_dir / "cache")
     if rank == 0:
-        cache_path = build_cache(report.usable, vae, vae_id, run_dir / "cache", cfg.crop, cfg.crops_per_image,
-                                 seed=cfg.seed, progress=_cache_progress(log))
+        build_store(images, vae, vae_id, cache_dir, cfg.max_side, cfg.max_images, progress=_cache_progress(log))
     _barrier(world)
-    if rank != 0:
-        cache_path = build_cache(report.usable, vae, vae_id, run_dir / "cache", cfg.crop, cfg.crops_per_image,
-                                 seed=cfg.seed)  # found, not rebuilt
-    cache = PairCache(cache_path)
+    # found, not rebuilt, by the other ranks
+    store = LatentStore(build_store(images, vae, vae_id, cache_dir, cfg.max_side, cfg.max_images),
+                        cfg.mode, min_size=cfg.crop // 8)
+    size = cfg.crop // 8
 
     net = CFMUNet(UNetConfig.from_dict(cfg.net)).to(device)
+    if cfg.init and not (run_dir / "last.pt").exists():
+        from ..models import load_checkpoint
+        from ..models.checkpoint import load_state_strict
+        load_state_strict(net, {k: v.float() for k, v in load_checkpoint(cfg.init).state_dict.items()}, cfg.init)
+        if rank == 0:
+            log(f"warm start from {os.path.basename(cfg.init)}")
     net.grad_checkpointing = cfg.grad_checkpointing
     ema = EMA(net, cfg.ema)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -226,9 +246,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
             log(f"resumed from step {step}")
     ema.model.to(device)
     model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
-    use_amp = device.type == "cuda" and cfg.precision in ("bf16", "fp16")
+    if device.type == "cpu" and cfg.precision == "fp16":
+        raise ValueError("fp16 autocast is for GPUs; use --precision bf16 on the CPU")
+    use_amp = cfg.precision in ("bf16", "fp16")
     amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and cfg.precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and cfg.precision == "fp16")
     validator = Validator(cfg, vae, device) if (rank == 0 and cfg.val_images) else None
 
     def save():
@@ -257,15 +279,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
             if cfg.max_minutes and time.time() - started > 60 * cfg.max_minutes:
                 log(f"time budget of {cfg.max_minutes} min reached at step {step}")
                 break
-            idx = torch.randint(len(cache), (cfg.batch,), generator=gen)
-            z1, src = (t.to(device) for t in cache.batch(idx, cfg.mode))
+            z1, src = (t.to(device) for t in store.batch(cfg.batch, size, gen))
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg)
             net.train()
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 if cfg.objective == "cfm":
                     x0 = q_sample(src, cfg.noise_step, torch.randn(z1.shape, generator=gen).to(device))
-                    t = torch.rand(z1.shape[0], generator=gen).to(device)
+                    t = sample_t(cfg, z1.shape[0], gen).to(device)
                     tb = t[:, None, None, None]
                     pred = model(tb * z1 + (1 - tb) * x0, t, src)
                     loss = F.mse_loss(pred.float(), z1 - x0)
@@ -289,7 +310,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 save()
             if validator is not None and (step % cfg.val_every == 0 or step == cfg.steps):
                 last = validator.run(ema.model, step, run_dir)
-                log(f"step {step}: val {json.dumps(last)}")
+                rate = seen_n / max(1e-6, time.time() - seen_t)
+                log(f"step {step}: {rate:.1f} samples/s; val {json.dumps(last)}")
     except KeyboardInterrupt:
         log(f"interrupted at step {step}; saving")
     finally:
@@ -299,6 +321,22 @@ def train(cfg: TrainConfig, log=print) -> dict:
         if world > 1:
             torch.distributed.destroy_process_group()
     return {"step": step, "val": last}
+
+
+def training_images(usable: list, seed: int) -> list:
+    """The training images in a fixed shuffle, so that a run on the first `max_images` (whole chunks of the
+    latent store) mixes every source of the folder."""
+    images = list(usable)
+    random.Random(seed).shuffle(images)
+    return images
+
+
+def sample_t(cfg: TrainConfig, n: int, gen: torch.Generator) -> torch.Tensor:
+    if cfg.t_dist == "uniform":
+        return torch.rand(n, generator=gen)
+    if cfg.t_dist == "logit_normal":
+        return torch.sigmoid(torch.randn(n, generator=gen) + cfg.t_mean)
+    raise ValueError(f"unknown t_dist {cfg.t_dist!r}; choose uniform or logit_normal")
 
 
 def threading_main() -> bool:

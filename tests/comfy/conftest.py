@@ -6,13 +6,30 @@ import torch
 from safetensors.torch import save_file
 
 from comfy_support import make_example_image, make_models
-from comfyui_server import ComfyServer
+from comfyui_server import ComfyServer, setups
+
+
+SETUPS = setups()
+
+
+def pytest_generate_tests(metafunc):
+    """Every test that uses a server runs against each ComfyUI setup: the pinned one and upstream 0.33."""
+    if "comfy_setup" in metafunc.fixturenames:
+        metafunc.parametrize("comfy_setup", list(SETUPS), indirect=True, scope="session")
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy_base")
-    srv = ComfyServer(base, extra_args=["--preview-method", "latent2rgb"])
+def comfy_setup(request):
+    setup = SETUPS[request.param]
+    if setup.missing():
+        pytest.skip(setup.missing())
+    return setup
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, comfy_setup):
+    base = tmp_path_factory.mktemp(f"comfy_base_{comfy_setup.name}")
+    srv = ComfyServer(base, extra_args=["--preview-method", "latent2rgb"], setup=comfy_setup)
     make_models(base / "models")
     make_example_image(base / "input" / "fmboost_example.png")
     srv.start()

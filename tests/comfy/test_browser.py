@@ -48,6 +48,11 @@ class App:
         self.page.goto(server.url, wait_until="networkidle", timeout=180_000)
         self.page.wait_for_function("window.app && window.app.graph && window.app.extensions.length > 0",
                                     timeout=180_000)
+        # frontends ≥ 1.5x report deprecated API use through LiteGraph.onDeprecationWarning: keep each with the
+        # stack that made it, so a deprecation caused by this pack's extension is caught wherever it is logged
+        self.page.evaluate("""() => { const L = window.LiteGraph; window.__deprecations = [];
+            if (L && Array.isArray(L.onDeprecationWarning)) { L.alwaysRepeatWarnings = true;
+                L.onDeprecationWarning.push(m => window.__deprecations.push(m + '\\n' + new Error().stack)); } }""")
         self.page.wait_for_timeout(1500)
         self.page.keyboard.press("Escape")  # any dialog the frontend opens by itself
         self.shot = 0
@@ -63,11 +68,16 @@ class App:
         self.page.screenshot(path=str(SHOTS / f"{self.name}_{self.shot:02d}_{step}.png"))
 
     def ours_errors(self):
-        """Console errors and page errors that come from this pack's extension (the stock frontend logs some)."""
+        """Console errors, page errors and deprecation warnings that come from this pack's extension (the stock
+        frontend logs some of its own)."""
         def ours(m):
             where = (m[1] + " " + m[2]).lower()
             return "/extensions/comfyui-fmboost" in where or "fmboost.js" in where or "fmboost.nodes" in where
-        return [m for m in self.console if m[0] in ("error", "pageerror") and ours(m)]
+        deprecations = [("deprecation", d, "") for d in self.page.evaluate("() => window.__deprecations || []")
+                        if "fmboost" in d.lower()]
+        return [m for m in self.console if ours(m) and (m[0] in ("error", "pageerror") or
+                                                        (m[0] == "warning" and "deprecat" in m[1].lower()))
+                ] + deprecations
 
     def nodes(self):
         return self.page.evaluate("""() => window.app.graph._nodes.map(n => ({
@@ -111,8 +121,10 @@ def test_add_from_search_connect_and_see_the_predicted_size(app):
     app.page.evaluate("""() => { const n = LiteGraph.createNode('EmptyLatentImage'); n.pos = [100, 200];
                                  window.app.graph.add(n); }""")
     canvas = app.page.locator("#graph-canvas")
-    canvas.dblclick(position={"x": 700, "y": 300})
-    search = app.page.locator("input[placeholder*='Search'], .comfy-vue-node-search-box input").first
+    canvas.dblclick(position={"x": 1000, "y": 650})  # empty canvas, away from the node
+    # the node search a person sees after a double click: the focused text box (its placeholder differs
+    # between frontends: "Search Nodes..." in 1.3x, "Add a node..." in 1.5x)
+    search = app.page.locator("input:focus")
     search.wait_for(timeout=15_000)
     search.fill("CFM Latent Upscale")
     app.page.wait_for_timeout(800)
@@ -130,7 +142,7 @@ def test_add_from_search_connect_and_see_the_predicted_size(app):
     app.page.wait_for_timeout(500)
     app.screenshot("connected")
     label = [n for n in app.nodes() if n["type"] == "FMBoostLatentUpscale"][0]["label"]
-    assert label == "64×96 → 128×192 latent · 1536×1024 px"
+    assert label == "96×64 → 192×128 latent · 1536×1024 px"  # width×height throughout
     assert app.ours_errors() == []
 
 
@@ -157,7 +169,7 @@ def test_solver_shows_only_the_inputs_that_apply(app):
 def _queue_workflow(app, wf):
     app.page.evaluate("wf => window.app.loadGraphData(wf)", wf)
     app.page.wait_for_timeout(1000)
-    app.page.get_by_role("button", name="Run", exact=True).click()
+    app.page.get_by_role("button", name="Run", exact=True).first.click()  # 1.5x has a second "Run" in a menu
 
 
 def test_queue_shows_progress_and_the_output_image(app, server):
@@ -171,7 +183,7 @@ def test_queue_shows_progress_and_the_output_image(app, server):
     app.screenshot("output")
     upscale = [n for n in app.nodes() if n["type"] == "FMBoostLatentUpscale"][0]
     # the test server's example image is 96×64 px: an 8×12 latent
-    assert upscale["label"].startswith("8×12 → 16×24 latent · 192×128 px · 4 evals · ")
+    assert upscale["label"].startswith("12×8 → 24×16 latent · 192×128 px · 4 evals · ")
     ours = [d["value"] for d in app.progress if str(d.get("node")) == str(upscale["id"])]
     assert ours == list(range(1, 5)), ours  # the page saw the bar move with every network evaluation
     assert app.ours_errors() == []
@@ -181,9 +193,13 @@ def test_cancel_stops_a_long_run_and_the_ui_stays_usable(app, server, latent_fil
     import torch
     big = latent_file(torch.randn(1, 4, 32, 32))
     prompt = upscale_prompt(big, solver=solver("rk4", steps=200))
-    r = server.queue(prompt, "browser-cancel")
-    assert r.status_code == 200
-    pid = r.json()["prompt_id"]
+    # queued by the page itself, as the Run button would (a frontend ≥ 1.5x keeps Cancel disabled for runs
+    # that other clients queued)
+    pid = app.page.evaluate("""async prompt => { const api = window.app.api;
+        const r = await api.fetchApi('/prompt', {method: 'POST', headers: {'Content-Type': 'application/json'},
+                                                 body: JSON.stringify({prompt, client_id: api.clientId})});
+        return (await r.json()).prompt_id; }""", prompt)
+    assert pid
     app.page.wait_for_function("""() => [...document.querySelectorAll('button')]
         .some(b => b.getAttribute('aria-label') === 'Cancel current run' && !b.disabled)""", timeout=60_000)
     app.page.wait_for_timeout(2000)
@@ -206,7 +222,7 @@ def test_template_browser_lists_our_workflows_with_previews(app, server):
     assert sorted(listed[pack]) == sorted(p.stem for p in WORKFLOWS)
     app.page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
     app.page.wait_for_timeout(1500)
-    dialog = app.page.locator(".p-dialog").last
+    dialog = app.page.get_by_role("dialog").last
     nav = dialog.get_by_text(pack, exact=True).first  # the pack's own category in the navigation
     nav.scroll_into_view_if_needed(timeout=15_000)
     nav.click()
@@ -222,7 +238,7 @@ def test_template_browser_lists_our_workflows_with_previews(app, server):
                       if f"/workflow_templates/{pack}/" in url and url.split("?")[0].endswith(".jpg")
                       and status == 200})
     assert fetched == sorted(f"{p.stem}.jpg" for p in WORKFLOWS)
-    shown = app.page.evaluate("""() => [...document.querySelectorAll('.p-dialog img')]
+    shown = app.page.evaluate("""() => [...document.querySelectorAll('[role=dialog] img')]
         .filter(i => i.complete && i.naturalWidth > 0).length""")
     assert shown >= len(WORKFLOWS)
 

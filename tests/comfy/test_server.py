@@ -182,3 +182,17 @@ def test_half_precision_weights(server, latent_file):
     diff = (outs["bf16"] - outs["fp32"]).abs()
     assert 0 < diff.max() and diff.mean() < 0.05 * outs["fp32"].abs().mean()
     assert torch.equal(outs["auto"], outs["fp32"])  # auto is fp32 on the CPU
+
+
+def test_a_users_model_of_the_shipped_name_wins_over_the_shipped_one(server, latent_file):
+    """Documented order: models/cfm (and its extra paths) before the pack's weights/cfm. The test server's
+    models/cfm holds the tiny model under the shipped model's name: listed once, and it is what runs."""
+    options = server.object_info("FMBoostLoadCFMModel")["FMBoostLoadCFMModel"]["input"]["required"]["ckpt_name"]
+    names = options[1]["options"] if options[0] == "COMBO" else options[0]
+    assert names.count("fmboost-sd15-x2.safetensors") == 1
+    lat = raw_latent(1, 8, 8, seed=3)
+    entry = server.run(upscale_prompt(latent_file(lat), "fmboost-sd15-x2.safetensors", seed=1))
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    expected = reference(server.base / "models/cfm/fmboost-sd15-x2.safetensors", lat, seed=1,
+                         step=TINY_METHOD.noise_step)
+    torch.testing.assert_close(read_latent(server.output_file(entry, "4")), expected, atol=1e-5, rtol=1e-5)

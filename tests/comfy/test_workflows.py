@@ -111,7 +111,7 @@ def test_upscale_existing_image_runs_end_to_end(server):
     assert pixels.std() > 5  # an image, not a flat field
 
 
-SHIPPED = REPO / "weights" / "fmboost-sd15-x2.safetensors"
+SHIPPED = REPO / "weights" / "cfm" / "fmboost-sd15-x2.safetensors"
 
 
 def test_shipped_model_upscales_the_example_photo_faithfully(server):

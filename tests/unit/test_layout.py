@@ -31,3 +31,21 @@ def test_one_registration_path():
     funcs = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
     assert "comfy_entrypoint" in funcs
     assert "NODE_CLASS_MAPPINGS" not in names  # it would make ComfyUI ignore comfy_entrypoint
+
+
+def test_comfy_registry_validation_passes():
+    """`comfy node validate` (comfy-cli, the Comfy Registry's own check) on this checkout, plus the fields the
+    registry page shows: repository URL, display name and icon."""
+    import shutil
+    import tomllib
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert meta["project"]["urls"]["Repository"].startswith("https://")
+    assert meta["tool"]["comfy"]["DisplayName"] and meta["tool"]["comfy"]["Icon"].startswith("https://")
+    icon = meta["tool"]["comfy"]["Icon"].rsplit("/main/", 1)[1]
+    assert (REPO / icon).is_file()  # the icon URL names a file of this repository
+    comfy = REPO / ".cache" / "comfy-cli" / "bin" / "comfy"
+    assert comfy.exists() or shutil.which("comfy"), "comfy-cli missing: run scripts/provision.sh"
+    proc = subprocess.run([str(comfy if comfy.exists() else shutil.which("comfy")), "--skip-prompt",
+                           "--no-enable-telemetry", "node", "validate"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "passed" in proc.stdout + proc.stderr, proc.stdout + proc.stderr

@@ -222,3 +222,31 @@ def test_pixel_mode_refuses_a_vae_of_another_family():
     with pytest.raises(ValueError, match="VAE does not fit this model"):
         make_source(torch.zeros(1, 4, 4, 4), "pixel", 0.18215, StubVAE())
 
+
+
+def test_settings_follow_the_model_and_say_when_they_do_not():
+    """flow.settings.resolve: the one place that turns a checkpoint's method into an upscale's settings."""
+    from fmboost.flow.settings import MissingVAE, resolve
+    from fmboost.models import MethodSettings
+    shipped_like = MethodSettings(upsampling_mode="pixel", noise_step=100, source_vae="taesd", solver="heun",
+                                  solver_steps=3)
+    r = resolve(shipped_like, size_multiple=4)
+    assert (r.settings.mode, r.settings.noise_step, r.settings.size_multiple) == ("pixel", 100, 4)
+    assert (r.settings.solver.method, r.settings.solver.steps) == ("heun", 3)
+    assert r.builtin_vae and r.mismatch is None          # no VAE connected: the pack's TAESD builds the source
+    assert not resolve(shipped_like, have_vae=True).builtin_vae
+    r = resolve(shipped_like, upsampling="latent", noise_step=7, solver=SolverSettings("rk4", steps=2))
+    assert r.settings.mode == "latent" and r.settings.noise_step == 7 and r.settings.solver.method == "rk4"
+    assert "trained for pixel up-sampling, not latent" in r.mismatch
+    authors = MethodSettings()   # the authors' models: pixel mode with their own (SD) VAE
+    with pytest.raises(MissingVAE, match="connect the vae input"):
+        resolve(authors)
+    assert resolve(authors, have_vae=True).settings.mode == "pixel"
+    latent_model = MethodSettings(upsampling_mode="latent")
+    assert resolve(latent_model).settings.mode == "latent" and resolve(latent_model).mismatch is None
+    with pytest.raises(MissingVAE, match="or choose latent up-sampling"):
+        resolve(latent_model, upsampling="pixel")
+    with pytest.raises(ValueError, match="unknown up-sampling"):
+        resolve(latent_model, upsampling="nearest")
+    # the core's solver default and an unconnected solver input of a model without a recommendation agree
+    assert resolve(latent_model).settings.solver == SolverSettings()

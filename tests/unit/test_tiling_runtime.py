@@ -71,7 +71,7 @@ def test_tiled_network_calls_the_net_on_windows_no_larger_than_the_tile():
 
 @pytest.fixture(scope="module")
 def shipped():
-    ck = load_checkpoint(REPO / "weights" / "fmboost-sd15-x2.safetensors")
+    ck = load_checkpoint(REPO / "weights" / "cfm" / "fmboost-sd15-x2.safetensors")
     return ck, ck.build_network(torch.float32), TAESD.from_folder(REPO / "weights" / "taesd")
 
 

@@ -41,7 +41,7 @@ def photos(tmp_path_factory):
 def config(photos, tmp_path, **kw):
     base = dict(images=str(photos / "train"), val_images=str(photos / "val"), vae=str(TAESD_DIR),
                 out=str(tmp_path / "model.safetensors"), run_dir=str(tmp_path / "run"), crop=64,
-                crops_per_image=2, net=TINY_NET, batch=4, steps=4, warmup=2, val_every=4, val_count=2,
+                max_side=192, net=TINY_NET, batch=4, steps=4, warmup=2, val_every=4, val_count=2,
                 save_every=2)
     return TrainConfig(**(base | kw))
 
@@ -54,13 +54,16 @@ def test_train_writes_a_loadable_model_validation_and_reports_bad_images(photos,
                for l in logs)
     ck = load_checkpoint(tmp_path / "model.safetensors")
     assert ck.method.upsampling_mode == "pixel" and ck.method.noise_step == 400
+    assert ck.method.source_vae == "taesd"  # trained on sources the pack's own TAESD can rebuild
+    assert (ck.method.solver, ck.method.solver_steps) == ("euler", 4)
     assert (ck.method.low_res, ck.method.high_res) == (4, 8)
     assert ck.net_config.model_channels == 32
     info = json.loads(__import__("safetensors").safe_open(str(tmp_path / "model.safetensors"), "pt")
                       .metadata()["fmboost.training"])
     assert info["objective"] == "cfm" and info["steps"] == 4
     val = json.loads((tmp_path / "run" / "val_0000004.json").read_text())
-    assert set(val) == {"step", "model", "latent_bilinear"} and set(val["model"]) == {"psnr", "ssim", "detail"}
+    assert set(val) == {"step", "model", "latent_bilinear", "bicubic", "source"}
+    assert set(val["model"]) == {"psnr", "ssim", "detail", "colour"}
     grid = Image.open(tmp_path / "run" / "val_0000004.png")
     assert grid.size == (4 * 64, 2 * 64)  # low | bilinear | model | truth, one row per val image
 
@@ -72,25 +75,26 @@ def test_resume_continues_from_the_last_step(photos, tmp_path):
     logs = []
     result = train(config(photos, tmp_path, steps=6), log=logs.append)
     assert "resumed from step 4" in logs and result["step"] == 6
-    cache_files = list((tmp_path / "run" / "cache").glob("pairs-*.safetensors"))
-    assert len(cache_files) == 1  # the cache was reused, not rebuilt
+    stores = list((tmp_path / "run" / "cache").glob("store-*"))
+    assert len(stores) == 1 and list(stores[0].glob("chunk-*"))  # the store was reused, not rebuilt
+    assert not any("caching latents" in l for l in logs)
 
 
 def test_loss_goes_down(photos, tmp_path):
     """A few dozen steps on six images must fit better than at the start (the loop really learns)."""
     cfg = config(photos, tmp_path, steps=60, lr=2e-3, warmup=5, val_images=None, save_every=1000, batch=8)
-    from fmboost.training.data import PairCache
+    from fmboost.training.data import LatentStore
     from fmboost.flow import q_sample
     train(config(photos, tmp_path / "first", steps=1, val_images=None, save_every=1000))
     torch.manual_seed(0)
     trained = train(cfg)
     assert trained["step"] == 60
-    cache = PairCache(next((tmp_path / "run" / "cache").glob("pairs-*.safetensors")))
+    store = LatentStore(sorted(next((tmp_path / "run" / "cache").glob("store-*")).glob("chunk-*")), "pixel")
+    z1, src = store.batch(32, 8, torch.Generator().manual_seed(3))
 
     def flow_loss(path):
         net = load_checkpoint(path).build_network(torch.float32)
         g = torch.Generator().manual_seed(1)
-        z1, src = cache.z_hi.float(), cache.z_up.float()
         x0 = q_sample(src, 400, torch.randn(z1.shape, generator=g))
         t = torch.rand(z1.shape[0], generator=g)
         xt = t[:, None, None, None] * z1 + (1 - t[:, None, None, None]) * x0
@@ -133,7 +137,7 @@ def test_distributed_data_parallel_two_processes(photos, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "scripts" / "train_cfm.py"), "--images", str(photos / "train"), "--vae", str(TAESD_DIR),
            "--out", str(tmp_path / "ddp.safetensors"), "--run-dir", str(tmp_path / "run"), "--crop", "64",
-           "--crops-per-image", "1", "--steps", "3", "--batch", "2", "--save-every", "3",
+           "--max-side", "128", "--steps", "3", "--batch", "2", "--save-every", "3",
            "--net", json.dumps(TINY_NET)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -234,12 +238,12 @@ def test_sigterm_saves_the_run_and_resume_continues(photos, tmp_path):
     import time
     cmd = [sys.executable, str(REPO / "scripts" / "train_cfm.py"), "--images", str(photos / "train"),
            "--vae", str(TAESD_DIR), "--out", str(tmp_path / "m.safetensors"), "--run-dir", str(tmp_path / "run"),
-           "--crop", "64", "--crops-per-image", "1", "--steps", "100000", "--batch", "2", "--save-every", "100000",
+           "--crop", "64", "--max-side", "128", "--steps", "100000", "--batch", "2", "--save-every", "100000",
            "--net", json.dumps(TINY_NET)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.time() + 240
-    while not (tmp_path / "run" / "cache").exists() or not list((tmp_path / "run" / "cache").glob("pairs-*")):
+    while not list((tmp_path / "run" / "cache").glob("store-*/chunk-*.safetensors")):
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.5)
     time.sleep(4)  # some training steps
@@ -251,3 +255,44 @@ def test_sigterm_saves_the_run_and_resume_continues(photos, tmp_path):
     assert json.loads(__import__("safetensors").safe_open(str(tmp_path / "m.safetensors"), "pt")
                       .metadata()["fmboost.training"])["steps"] == step
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_store_crops_line_up_and_every_step_sees_fresh_crops(photos, tmp_path):
+    """The latent store: each image encoded once (target, low-res latent, a source per mode); crops drawn at
+    random even offsets, so the source crop is the same window of the same image as the target crop."""
+    from fmboost.flow.source import make_source
+    from fmboost.training.data import LatentStore, build_store, encode_image, load_rgb, prepare_image, scan_images
+    vae = TAESD.from_folder(TAESD_DIR)
+    images = scan_images(photos / "train", 64).usable[:2]
+    chunks = build_store(images, vae, "taesd:test", tmp_path, max_side=128)
+    img = prepare_image(load_rgb(images[0]), 128)
+    assert max(img.shape[-2:]) <= 128 and img.shape[-1] % 16 == 0 and img.shape[-2] % 16 == 0
+    enc = encode_image(vae, img)
+    h, w = img.shape[-2:]
+    assert enc["hi"].shape == (4, h // 8, w // 8) and enc["lo"].shape == (4, h // 16, w // 16)
+    s = vae.scale_factor
+    torch.testing.assert_close(enc["latent"].float(), make_source(enc["lo"].float()[None], "latent", s)[0], atol=0.02,
+                               rtol=0.02)
+    store = LatentStore(chunks, "latent")
+    assert len(store) == 2
+    gen = torch.Generator().manual_seed(0)
+    z1, src = store.batch(16, 8, gen)
+    assert z1.shape == src.shape == (16, 4, 8, 8)
+    # every (target, source) pair is one window (at an even offset, maybe flipped) of one stored image
+    for a, b in zip(z1, src):
+        found = []
+        for hi, full in zip(store.hi, store.src):
+            h, w = hi.shape[-2:]
+            for y in range(0, h - 7):
+                for x in range(0, w - 7):
+                    for flip in (False, True):
+                        win = hi[:, y:y + 8, x:x + 8].float()
+                        win = win.flip(-1) if flip else win
+                        if torch.equal(win, a):
+                            s_win = full[:, y:y + 8, x:x + 8].float()
+                            found.append((y % 2, x % 2, torch.equal(s_win.flip(-1) if flip else s_win, b)))
+        assert found and all(f == (0, 0, True) for f in found), found
+    z1b, _ = store.batch(16, 8, gen)
+    assert not torch.equal(z1, z1b)  # fresh crops each call
+    with pytest.raises(ValueError, match="unknown up-sampling mode"):
+        LatentStore(chunks, "bicubic")

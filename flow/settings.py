@@ -1,0 +1,62 @@
+"""The one place where a model's stored method settings become the settings of an upscale.
+
+The node, the benchmark, the trainer's validation and the tests all call `resolve`, so "the defaults" mean
+the same thing everywhere: the up-sampling mode the checkpoint was trained for, its trained noise step and its
+recommended solver.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .pipeline import UpscaleSettings
+from .solvers import SolverSettings
+from .source import MODES
+
+AUTO = "auto"
+UPSAMPLING_CHOICES = (AUTO,) + MODES
+MODEL_NOISE_STEP = -1          # the node's "use the trained step"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    settings: UpscaleSettings
+    mismatch: Optional[str]    # a warning when the chosen mode is not the one the model was trained for
+    builtin_vae: bool          # pixel mode with no VAE connected: the source is built with the pack's TAESD
+
+
+class MissingVAE(ValueError):
+    pass
+
+
+def default_solver(method) -> SolverSettings:
+    """The solver the checkpoint recommends (its metadata), used when none is connected."""
+    return SolverSettings(method=method.solver, steps=method.solver_steps)
+
+
+def resolve(method, *, size_multiple: int = 1, upsampling: str = AUTO, noise_step: int = MODEL_NOISE_STEP,
+            seed: int = 0, solver: Optional[SolverSettings] = None, have_vae: bool = False) -> Resolved:
+    """A model's method settings (`models.MethodSettings`) plus the user's choices → the upscale's settings.
+
+    `upsampling` "auto" takes the trained mode; another mode runs but reports the mismatch. Pixel mode without
+    a connected VAE uses the pack's TAESD when the model was trained on TAESD-built sources, and otherwise
+    raises `MissingVAE` saying what to connect."""
+    if upsampling not in UPSAMPLING_CHOICES:
+        raise ValueError(f"unknown up-sampling {upsampling!r}; choose one of {', '.join(UPSAMPLING_CHOICES)}")
+    trained = method.upsampling_mode
+    mode = trained if upsampling == AUTO else upsampling
+    mismatch = None
+    if mode != trained:
+        mismatch = (f"this model was trained for {trained} up-sampling, not {mode}: expect a worse image "
+                    f"(set upsampling to auto or {trained})")
+    builtin_vae = False
+    if mode == "pixel" and not have_vae:
+        if method.source_vae != "taesd":
+            raise MissingVAE("pixel up-sampling needs a VAE: connect the vae input (the VAE that made the "
+                             "latent)" + (", or choose latent up-sampling" if trained != "pixel" else ""))
+        builtin_vae = True
+    step = method.noise_step if noise_step == MODEL_NOISE_STEP else int(noise_step)
+    settings = UpscaleSettings(scale_factor=method.scale_factor, mode=mode,
+                               noise_step=step, seed=seed, solver=solver or default_solver(method),
+                               size_multiple=size_multiple)
+    return Resolved(settings, mismatch, builtin_vae)

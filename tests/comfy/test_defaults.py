@@ -1,0 +1,213 @@
+"""What a user gets right after install, through the real server, against what they would otherwise do.
+
+A fresh ComfyUI whose models/ holds no CFM file at all: the pack's shipped model must be offered (and
+selected), and CFM Latent Upscale with every widget at its default must beat core latent bilinear ×2 on
+held-out photos. The photos stand in for a KSampler's output: Load Image → VAE Encode (TAESD), and every
+result is decoded with the same TAESD.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from comfyui_server import ComfyServer, execution_error
+from support import REPO, SHARED, needs_shared
+
+pytestmark = needs_shared
+
+DEFAULT_MODEL = "fmboost-sd15-x2.safetensors"
+LOW_SIDE = 160        # low-res long side in pixels: ground truth 320 px, latents 20 → 40
+PHOTOS = 4
+
+
+def val_photos(count=PHOTOS, low_side=LOW_SIDE):
+    """(name, low-res uint8 HWC, ground truth float BCHW) of the first held-out photos."""
+    from fmboost.training.data import downscale2, load_rgb, scan_images
+    out = []
+    for path in scan_images(SHARED / "data" / "photos" / "val", 0).usable[:count]:
+        img = load_rgb(path)
+        _, h, w = img.shape
+        ch, cw = min(h, 2 * low_side) // 16 * 16, min(w, 2 * low_side) // 16 * 16
+        y, x = (h - ch) // 2, (w - cw) // 2
+        truth = img[:, y:y + ch, x:x + cw][None]
+        low = (downscale2(truth)[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
+        out.append((path.stem, low, truth))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fresh_server(tmp_path_factory, comfy_setup):
+    """ComfyUI right after `git clone` + requirements: no CFM file in models/, TAESD for VAE Loader."""
+    import shutil
+    base = tmp_path_factory.mktemp(f"fresh_install_{comfy_setup.name}")
+    srv = ComfyServer(base, setup=comfy_setup)
+    for part in ("encoder", "decoder"):
+        shutil.copy(REPO / "weights" / "taesd" / f"taesd_{part}.safetensors", base / "models" / "vae_approx")
+    photos = val_photos()
+    for name, low, _ in photos:
+        Image.fromarray(low).save(base / "input" / f"{name}.png")
+    assert not list((base / "models" / "cfm").iterdir())
+    srv.start()
+    srv.photos = photos
+    yield srv
+    srv.stop()
+
+
+def widget_defaults(info: dict, node: str) -> dict:
+    """Every required widget of `node` at the value the frontend puts there when the node is added."""
+    values = {}
+    for name, spec in info[node]["input"]["required"].items():
+        typ, opts = spec[0], spec[1] if len(spec) > 1 else {}
+        if isinstance(typ, list):  # old-style combo
+            values[name] = opts.get("default", typ[0])
+        elif typ == "COMBO":
+            values[name] = opts.get("default", opts["options"][0])
+        elif "default" in opts:
+            values[name] = opts["default"]
+    return values
+
+
+def compare_prompt(info, image, *, extras=False, cfm_inputs=None):
+    """Load Image → VAE Encode (TAESD) → [CFM Latent Upscale with defaults | Latent Upscale By bilinear ×2] →
+    VAE Decode (TAESD) → Save Image, both branches in one prompt."""
+    up_inputs = widget_defaults(info, "FMBoostLatentUpscale") | {"cfm_model": ["2", 0], "samples": ["4", 0]}
+    up_inputs |= cfm_inputs or {}
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "2": {"class_type": "FMBoostLoadCFMModel", "inputs": widget_defaults(info, "FMBoostLoadCFMModel")},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": "taesd"}},
+        "4": {"class_type": "VAEEncode", "inputs": {"pixels": ["1", 0], "vae": ["3", 0]}},
+        "5": {"class_type": "FMBoostLatentUpscale", "inputs": up_inputs},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["3", 0]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "cfm"}},
+        "8": {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["4", 0], "upscale_method": "bilinear",
+                                                          "scale_by": 2.0}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["3", 0]}},
+        "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "bilinear"}},
+    }
+    if extras:
+        prompt["11"] = {"class_type": "FMBoostSolverSettings",
+                        "inputs": widget_defaults(info, "FMBoostSolverSettings")}
+        up_inputs |= {"vae": ["3", 0], "solver": ["11", 0]}
+    return prompt
+
+
+def read_image(server, entry, node) -> torch.Tensor:
+    arr = np.asarray(Image.open(server.output_file(entry, node, "images")).convert("RGB"))
+    return torch.from_numpy(arr.astype(np.float32) / 255).permute(2, 0, 1)[None]
+
+
+def scores(img, truth):
+    from fmboost.training import metrics
+    return metrics.psnr(img, truth).item(), metrics.detail_ratio(img, truth).item()
+
+
+def test_a_fresh_install_offers_the_shipped_model_selected(fresh_server):
+    spec = fresh_server.object_info("FMBoostLoadCFMModel")["FMBoostLoadCFMModel"]["input"]["required"]["ckpt_name"]
+    options = spec[1]["options"] if spec[0] == "COMBO" else spec[0]
+    assert DEFAULT_MODEL in options
+    assert spec[1].get("default") == DEFAULT_MODEL
+    assert not [o for o in options if not o.endswith(".safetensors")]  # no model card or stray files listed
+    assert not list((fresh_server.base / "models" / "cfm").iterdir())  # found in place, nothing copied
+
+
+@pytest.mark.parametrize("extras", [False, True], ids=["required_inputs_only", "with_vae_and_default_solver"])
+def test_defaults_beat_latent_bilinear_on_held_out_photos(fresh_server, extras):
+    info = fresh_server.object_info()
+    rows = []
+    for name, _, truth in fresh_server.photos:
+        entry = fresh_server.run(compare_prompt(info, f"{name}.png", extras=extras))
+        assert entry["status"]["status_str"] == "success", execution_error(entry)
+        cfm, bilinear = read_image(fresh_server, entry, "7"), read_image(fresh_server, entry, "10")
+        assert cfm.shape == truth.shape == bilinear.shape
+        rows.append((name, *scores(cfm, truth), *scores(bilinear, truth)))
+    psnr_cfm, psnr_bil = np.mean([r[1] for r in rows]), np.mean([r[3] for r in rows])
+    dev_cfm = np.mean([abs(math.log(r[2])) for r in rows])
+    dev_bil = np.mean([abs(math.log(r[4])) for r in rows])
+    report = "\n".join(f"{n}: CFM {a:.2f} dB detail {b:.2f} | bilinear {c:.2f} dB detail {d:.2f}"
+                       for n, a, b, c, d in rows)
+    assert psnr_cfm > psnr_bil + 0.3, report
+    assert dev_cfm < dev_bil, report
+
+
+def test_a_mode_the_model_was_not_trained_for_runs_with_a_warning(fresh_server):
+    info = fresh_server.object_info()
+    name = fresh_server.photos[0][0]
+    entry = fresh_server.run(compare_prompt(info, f"{name}.png", cfm_inputs={"upsampling": "latent"}))
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    ui = entry["outputs"]["5"]["fmboost"][0]
+    assert "trained for pixel up-sampling, not latent" in ui["warning"]
+    assert "trained for pixel up-sampling, not latent" in fresh_server.log_text()
+    entry = fresh_server.run(compare_prompt(info, f"{name}.png"))
+    assert "warning" not in entry["outputs"]["5"]["fmboost"][0]
+
+
+WORKFLOWS = sorted((REPO / "workflows" / "api").glob("*.json"))
+
+
+def cfm_stage(workflow: dict, image: str):
+    """The workflow's CFM configuration, exactly as it is (Load CFM Model, Solver Settings, every CFM Latent
+    Upscale of its chain), fed by a photo (Load Image → VAE Encode, TAESD) in place of the KSampler; its VAE
+    input, if any, is TAESD too. Returns the prompt, the output node and the number of ×2 stages."""
+    ups = {k: v for k, v in workflow.items() if v["class_type"] == "FMBoostLatentUpscale"}
+    chain = [next(k for k, v in ups.items() if v["inputs"]["samples"][0] not in ups)]
+    while nxt := next((k for k, v in ups.items() if v["inputs"]["samples"][0] == chain[-1]), None):
+        chain.append(nxt)
+    prompt = {
+        "photo": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "taesd": {"class_type": "VAELoader", "inputs": {"vae_name": "taesd"}},
+        "encode": {"class_type": "VAEEncode", "inputs": {"pixels": ["photo", 0], "vae": ["taesd", 0]}},
+    }
+    for key in chain:
+        inputs = dict(workflow[key]["inputs"])
+        for name, value in list(inputs.items()):
+            if not isinstance(value, list):
+                continue
+            src = workflow[value[0]]
+            if name == "samples":
+                inputs[name] = ["encode", 0] if key == chain[0] else [f"w{value[0]}", 0]
+            elif name == "vae":
+                inputs[name] = ["taesd", 0]
+            else:
+                assert src["class_type"].startswith("FMBoost"), (name, src["class_type"])
+                prompt[f"w{value[0]}"] = {"class_type": src["class_type"], "inputs": src["inputs"]}
+                inputs[name] = [f"w{value[0]}", 0]
+        prompt[f"w{key}"] = {"class_type": "FMBoostLatentUpscale", "inputs": inputs}
+    prompt["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"w{chain[-1]}", 0], "vae": ["taesd", 0]}}
+    prompt["save"] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "wf"}}
+    prompt["bilinear"] = {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["encode", 0],
+                                                                      "upscale_method": "bilinear",
+                                                                      "scale_by": float(2 ** len(chain))}}
+    prompt["decode_b"] = {"class_type": "VAEDecode", "inputs": {"samples": ["bilinear", 0], "vae": ["taesd", 0]}}
+    prompt["save_b"] = {"class_type": "SaveImage", "inputs": {"images": ["decode_b", 0], "filename_prefix": "b"}}
+    return prompt, len(chain)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_every_example_workflow_beats_the_resize_it_replaces(fresh_server, path):
+    import json
+    workflow = json.loads(path.read_text())
+    _, stages = cfm_stage(workflow, "")
+    rows = []
+    from fmboost.training.data import downscale2
+    for name, _, truth in val_photos():
+        image = f"{path.stem}_{name}.png"
+        low = truth
+        for _ in range(stages):
+            low = downscale2(low)
+        Image.fromarray((low[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()).save(
+            fresh_server.base / "input" / image)
+        prompt, _ = cfm_stage(workflow, image)
+        entry = fresh_server.run(prompt)
+        assert entry["status"]["status_str"] == "success", execution_error(entry)
+        cfm, bilinear = read_image(fresh_server, entry, "save"), read_image(fresh_server, entry, "save_b")
+        assert cfm.shape == truth.shape == bilinear.shape
+        rows.append((name, *scores(cfm, truth), *scores(bilinear, truth)))
+    report = "\n".join(f"{n}: CFM {a:.2f} dB detail {b:.2f} | bilinear {c:.2f} dB detail {d:.2f}"
+                       for n, a, b, c, d in rows)
+    assert np.mean([r[1] for r in rows]) > np.mean([r[3] for r in rows]) + 0.3, report
+    assert np.mean([abs(math.log(r[2])) for r in rows]) < np.mean([abs(math.log(r[4])) for r in rows]), report
