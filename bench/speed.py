@@ -149,7 +149,16 @@ def main(argv=None):
     ap.add_argument("--json")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile and CUDA-graph runs")
     ap.add_argument("--from-json", help="rewrite the section from an earlier run's --json, measuring nothing")
+    ap.add_argument("--defaults-only", action="store_true",
+                    help="only time the shipped models at the node's defaults (a section of its own)")
     args = ap.parse_args(argv)
+    if args.defaults_only:
+        text = node_defaults(args)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from quality import replace_section
+        replace_section(Path(args.results), "## Node defaults speed", text)
+        print(text)
+        return
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
         device = torch.device(saved.get("device", "cpu"))
@@ -246,6 +255,48 @@ def main(argv=None):
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     write(rows, rates, device, args, checks)
+
+
+def node_defaults(args) -> str:
+    """What a user waits for: 64² → 128² latent (512² → 1024² px) with each shipped model at the node's defaults
+    (flow.settings.resolve: the trained source, noise step and recommended solver; the pack's TAESD builds a
+    pixel-mode source), against the two resizes it replaces, timed in the same run. Batch 1, fp32, best of
+    `runs` after a warm-up. Returns a section for bench/RESULTS.md."""
+    import torch.nn.functional as F
+    from fmboost.flow.settings import resolve
+    from fmboost.flow.source import make_source
+    from fmboost.models.taesd import TAESD
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    taesd = TAESD.from_folder(REPO / "weights" / "taesd").to(device)
+    latent = torch.randn(1, 4, 64, 64, device=device) * 5
+    runs = max(3, args.runs)
+
+    def best(fn):
+        fn()
+        return min(timed(fn, device, 1, warm_up=False)[0] for _ in range(runs))
+
+    s = 0.18215
+    base = {"latent bilinear ×2 (core LatentUpscaleBy)":
+            best(lambda: F.interpolate(latent, scale_factor=2, mode="bilinear")),
+            "TAESD decode → bilinear ×2 → TAESD encode (the pixel-space source alone)":
+            best(lambda: make_source(latent * s, "pixel", s, taesd))}
+    rows = dict(base)
+    for path in sorted((REPO / "weights" / "cfm").glob("*.safetensors")):
+        ck = load_checkpoint(path)
+        net = ck.build_network(torch.float32).to(device)
+        r = resolve(ck.method, size_multiple=ck.net_config.size_multiple)
+        solver = r.settings.solver
+        rows[f"{path.name}, node defaults ({r.settings.mode} source, {solver.method} {solver.steps}, "
+             f"k={r.settings.noise_step})"] = best(lambda: upscale(net, latent, r.settings, vae=taesd, device=device))
+    source = base["TAESD decode → bilinear ×2 → TAESD encode (the pixel-space source alone)"]
+    lines = [f"## Node defaults speed ({datetime.date.today().isoformat()})", "",
+             f"- machine: {cpu_name() if device.type == 'cpu' else torch.cuda.get_device_name(device)}, "
+             f"{torch.get_num_threads()} threads; torch {torch.__version__}, Python {platform.python_version()}",
+             f"- 64² → 128² latent (512² → 1024² px), batch 1, fp32, best of {runs} after a warm-up; "
+             "`bench/speed.py --defaults-only`", "",
+             "| what | seconds | × the pixel-space source alone |", "|---|---|---|"]
+    lines += [f"| {name} | {sec:.3f} | {sec / source:.2f} |" for name, sec in rows.items()]
+    return "\n".join(lines) + "\n"
 
 
 def loop_host_syncs(run_net, device) -> str:

@@ -91,8 +91,14 @@ class TiledNetwork:
         return out
 
 
+# torch.OutOfMemoryError is new in torch 2.5 (torch.cuda.OutOfMemoryError before): the pack declares no minimum
+# torch, so the type is looked up, not named.
+OOM_ERRORS = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                               getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)) if t is not None)
+
+
 def is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, torch.OutOfMemoryError):
+    if OOM_ERRORS and isinstance(error, OOM_ERRORS):
         return True
     # Backends without a dedicated type (MPS, some XPU builds) raise a RuntimeError that says so.
     return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()

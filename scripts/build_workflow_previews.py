@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""Render each example workflow in the real frontend (headless Chromium) and save workflows/<name>.jpg, the
-thumbnail the template browser shows. Needs the provisioned environment (scripts/provision.sh) and Chromium.
+"""Thumbnails for the template browser: workflows/<name>.jpg shows what each example workflow's CFM stage makes.
+
+Each workflow's CFM configuration (Load CFM Model, its solver and every CFM Latent Upscale, exactly as saved)
+runs through a real ComfyUI server with the shipped model on the pack's example photo (CC0), VAE Encode
+standing in for the KSampler. The thumbnail is one crop: the input on the left (nearest-neighbour, as it is
+pixel for pixel), the workflow's result on the right. Needs the provisioned environment (scripts/provision.sh).
 
     .venv/bin/python scripts/build_workflow_previews.py
 """
-import io
 import json
 import shutil
 import sys
@@ -17,48 +20,53 @@ sys.path.insert(0, str(REPO / "tests"))
 from support import register_pack  # noqa: E402
 
 register_pack()
-from comfy_support import make_example_image, make_models  # noqa: E402
-from comfyui_server import ComfyServer  # noqa: E402
+from comfy_support import cfm_stage  # noqa: E402
+from comfyui_server import ComfyServer, execution_error  # noqa: E402
+
+THUMB = (512, 384)   # what the template cards show, 4:3
+
+
+def thumbnail(low, result, size=THUMB):
+    """Left: the input, right: the result, the same centre crop of the picture, each half the thumbnail."""
+    from PIL import Image
+    half_w, h = size[0] // 2, size[1]
+    # the crop, in result pixels: as large as the result allows at the thumbnail's aspect ratio of one half
+    crop_h = min(result.height, result.width * h // half_w)
+    crop_w = crop_h * half_w // h
+    left, top = (result.width - crop_w) // 2, (result.height - crop_h) // 2
+    box = (left, top, left + crop_w, top + crop_h)
+    ours = result.crop(box).resize((half_w, h), Image.LANCZOS)
+    theirs = low.resize(result.size, Image.NEAREST).crop(box).resize((half_w, h), Image.NEAREST)
+    out = Image.new("RGB", size)
+    out.paste(theirs, (0, 0))
+    out.paste(ours, (half_w, 0))
+    return out
 
 
 def main():
-    import requests
     from PIL import Image
-    from playwright.sync_api import sync_playwright
     base = Path(tempfile.mkdtemp(prefix="fmboost-previews-"))
     server = ComfyServer(base)
-    make_models(base / "models")
-    make_example_image(base / "input" / "fmboost_example.png")
+    for part in ("encoder", "decoder"):
+        shutil.copy(REPO / "weights" / "taesd" / f"taesd_{part}.safetensors", base / "models" / "vae_approx")
+    photo = Image.open(REPO / "assets" / "fmboost_example.png").convert("RGB")
     server.start()
     try:
-        requests.post(server.url + "/settings/Comfy.TutorialCompleted", json=True, timeout=10)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-            page = browser.new_page(viewport={"width": 2800, "height": 1300})
-            page.goto(server.url, wait_until="networkidle", timeout=180_000)
-            page.wait_for_function("window.app && window.app.graph", timeout=180_000)
-            page.keyboard.press("Escape")
-            for path in sorted((REPO / "workflows").glob("*.json")):
-                page.evaluate("wf => window.app.loadGraphData(wf)", json.loads(path.read_text()))
-                page.wait_for_timeout(800)
-                # Scale 1 (below ~0.6 the frontend draws nodes without text), nodes placed clear of the overlays.
-                box = page.evaluate("""() => { const c = window.app.canvas, nodes = window.app.graph._nodes;
-                    const x0 = Math.min(...nodes.map(n => n.pos[0])), y0 = Math.min(...nodes.map(n => n.pos[1]));
-                    const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0]));
-                    const y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
-                    c.ds.scale = 1; c.ds.offset = [-x0 + 120, -y0 + 200];
-                    c.setDirty(true, true); c.draw(true, true);
-                    return [x1 - x0, y1 - y0]; }""")
-                page.wait_for_timeout(500)
-                png = page.locator("#graph-canvas").screenshot()
-                full = Image.open(io.BytesIO(png)).convert("RGB")
-                img = full.crop((90, 140, min(full.width, 150 + int(box[0])), min(full.height, 240 + int(box[1]))))
-                img.thumbnail((960, 540))
-                out = path.with_suffix(".jpg")
-                img.save(out, quality=85)
-                print(f"wrote {out.relative_to(REPO)} {img.size}")
-            browser.close()
+        for path in sorted((REPO / "workflows" / "api").glob("*.json")):
+            workflow = json.loads(path.read_text())
+            _, stages = cfm_stage(workflow, "")
+            # the input the stage sees: the photo at 1/2 (1/4 for a cascade) of its size, a multiple of 8
+            f = 2 ** (stages - 1)
+            low = photo.resize((photo.width // f // 8 * 8, photo.height // f // 8 * 8), Image.LANCZOS)
+            low.save(base / "input" / f"{path.stem}.png")
+            prompt, _ = cfm_stage(workflow, f"{path.stem}.png")
+            entry = server.run(prompt, timeout=1200)
+            if entry["status"]["status_str"] != "success":
+                raise RuntimeError(f"{path.stem}: {execution_error(entry)}")
+            result = Image.open(server.output_file(entry, "save", "images")).convert("RGB")
+            out = REPO / "workflows" / f"{path.stem}.jpg"
+            thumbnail(low, result).save(out, quality=88)
+            print(f"wrote {out.relative_to(REPO)} ({low.width}×{low.height} → {result.width}×{result.height})")
     finally:
         server.stop()
         shutil.rmtree(base, ignore_errors=True)

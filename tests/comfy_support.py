@@ -6,7 +6,7 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from support import FIXTURES, SHARED
+from support import FIXTURES, REPO, SHARED
 from fmboost.models import MethodSettings, UNetConfig, save_checkpoint
 from fmboost.models.unet import CFMUNet
 
@@ -38,12 +38,12 @@ def make_models(models_dir):
     cfm = models_dir / "cfm"
     save_checkpoint(cfm / "tiny.safetensors", tiny_state(), TINY, TINY_METHOD, dtype=None)
     save_checkpoint(cfm / "zero.safetensors", tiny_state(zero_velocity=True), TINY, TINY_METHOD, dtype=None)
-    shutil.copy(FIXTURES / "small_checkpoint_lightning.ckpt", cfm / "authors_small.ckpt")
+    copy_shared(FIXTURES / "small_checkpoint_lightning.ckpt", cfm / "authors_small.ckpt")
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)},
               cfm / "not_cfm.safetensors")
     (cfm / "truncated.safetensors").write_bytes((cfm / "tiny.safetensors").read_bytes()[:5000])
     # broken and hostile checkpoints
-    shutil.copy(SHARED / "weights" / "sd-latent-upscaler-city96" / "latent-upscaler-v2.1_SDv1-x2.0.safetensors",
+    copy_shared(SHARED / "weights" / "sd-latent-upscaler-city96" / "latent-upscaler-v2.1_SDv1-x2.0.safetensors",
                 cfm / "other_architecture.safetensors")
     state = tiny_state()
     state.pop("middle_block.0.in_layers.2.weight")
@@ -56,8 +56,8 @@ def make_models(models_dir):
     # the authors' bare state dict, in the other model folder, with its architecture in a sidecar json
     upscalers = models_dir / "latent_upscale_models"
     upscalers.mkdir(parents=True, exist_ok=True)
-    shutil.copy(FIXTURES / "small_net.safetensors", upscalers / "authors_small_net.safetensors")
-    shutil.copy(FIXTURES / "small_config.json", upscalers / "authors_small_net.json")
+    copy_shared(FIXTURES / "small_net.safetensors", upscalers / "authors_small_net.safetensors")
+    copy_shared(FIXTURES / "small_config.json", upscalers / "authors_small_net.json")
     # the example workflows' model names; the SD ones are empty files, enough for validation only
     shutil.copy(cfm / "tiny.safetensors", cfm / "fmboost-sd15-x2.safetensors")
     for folder, name in (("checkpoints", "v1-5-pruned-emaonly.safetensors"),
@@ -65,7 +65,13 @@ def make_models(models_dir):
         (models_dir / folder).mkdir(parents=True, exist_ok=True)
         (models_dir / folder / name).write_bytes(b"")
     for part in ("encoder", "decoder"):
-        shutil.copy(SHARED / "weights" / "taesd" / f"taesd_{part}.safetensors", models_dir / "vae_approx")
+        shutil.copy(REPO / "weights" / "taesd" / f"taesd_{part}.safetensors", models_dir / "vae_approx")
+
+
+def copy_shared(src, dst):
+    """Copies a file from ../shared when there is one; the tests that use it call require_shared themselves."""
+    if src.exists():
+        shutil.copy(src, dst)
 
 
 def make_example_image(path, size=(96, 64)):
@@ -110,3 +116,41 @@ def upscale_prompt(latent_name, ckpt="tiny.safetensors", *, seed=0, noise=-1, mo
 
 def solver(method="euler", steps=8, atol=1e-5, rtol=1e-3, max_evals=200):
     return {"method": method, "steps": steps, "atol": atol, "rtol": rtol, "max_evals": max_evals}
+
+
+def cfm_stage(workflow: dict, image: str):
+    """The workflow's CFM configuration, exactly as it is (Load CFM Model, Solver Settings, every CFM Latent
+    Upscale of its chain), fed by a photo (Load Image → VAE Encode, TAESD) in place of the KSampler; its VAE
+    input, if any, is TAESD too. Returns the prompt, the output node and the number of ×2 stages."""
+    ups = {k: v for k, v in workflow.items() if v["class_type"] == "FMBoostLatentUpscale"}
+    chain = [next(k for k, v in ups.items() if v["inputs"]["samples"][0] not in ups)]
+    while nxt := next((k for k, v in ups.items() if v["inputs"]["samples"][0] == chain[-1]), None):
+        chain.append(nxt)
+    prompt = {
+        "photo": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "taesd": {"class_type": "VAELoader", "inputs": {"vae_name": "taesd"}},
+        "encode": {"class_type": "VAEEncode", "inputs": {"pixels": ["photo", 0], "vae": ["taesd", 0]}},
+    }
+    for key in chain:
+        inputs = dict(workflow[key]["inputs"])
+        for name, value in list(inputs.items()):
+            if not isinstance(value, list):
+                continue
+            src = workflow[value[0]]
+            if name == "samples":
+                inputs[name] = ["encode", 0] if key == chain[0] else [f"w{value[0]}", 0]
+            elif name == "vae":
+                inputs[name] = ["taesd", 0]
+            else:
+                assert src["class_type"].startswith("FMBoost"), (name, src["class_type"])
+                prompt[f"w{value[0]}"] = {"class_type": src["class_type"], "inputs": src["inputs"]}
+                inputs[name] = [f"w{value[0]}", 0]
+        prompt[f"w{key}"] = {"class_type": "FMBoostLatentUpscale", "inputs": inputs}
+    prompt["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"w{chain[-1]}", 0], "vae": ["taesd", 0]}}
+    prompt["save"] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "wf"}}
+    prompt["bilinear"] = {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["encode", 0],
+                                                                      "upscale_method": "bilinear",
+                                                                      "scale_by": float(2 ** len(chain))}}
+    prompt["decode_b"] = {"class_type": "VAEDecode", "inputs": {"samples": ["bilinear", 0], "vae": ["taesd", 0]}}
+    prompt["save_b"] = {"class_type": "SaveImage", "inputs": {"images": ["decode_b", 0], "filename_prefix": "b"}}
+    return prompt, len(chain)

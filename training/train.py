@@ -78,11 +78,25 @@ class EMA:
             e.lerp_(p.detach(), 1 - d)
 
 
+# Rank 0 builds the latent store while the other ranks wait in a barrier: far longer than the collectives'
+# 10-minute default on a large folder.
+DIST_TIMEOUT_MINUTES = 180
+
+
 def _dist():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
+        import datetime
+        timeout = datetime.timedelta(minutes=DIST_TIMEOUT_MINUTES)
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local)  # NCCL binds each rank to its own GPU, not all to cuda:0
+            try:
+                torch.distributed.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local))
+            except TypeError:  # torch < 2.3 has no device_id
+                torch.distributed.init_process_group("nccl", timeout=timeout)
+        else:
+            torch.distributed.init_process_group("gloo", timeout=timeout)
     rank = torch.distributed.get_rank() if world > 1 else 0
     return rank, world
 

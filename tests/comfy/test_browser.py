@@ -81,7 +81,7 @@ class App:
 
     def nodes(self):
         return self.page.evaluate("""() => window.app.graph._nodes.map(n => ({
-            id: n.id, type: n.type, label: n.fmboostLabel ?? null,
+            id: n.id, type: n.type, label: n.fmboostLabel ?? null, warning: n.fmboostWarning ?? null,
             widgets: (n.widgets || []).map(w => ({name: w.name, hidden: !!w.hidden, value: w.value}))}))""")
 
     def close(self):
@@ -143,6 +143,18 @@ def test_add_from_search_connect_and_see_the_predicted_size(app):
     app.screenshot("connected")
     label = [n for n in app.nodes() if n["type"] == "FMBoostLatentUpscale"][0]["label"]
     assert label == "96×64 → 192×128 latent · 1536×1024 px"  # width×height throughout
+    assert [n for n in app.nodes() if n["type"] == "FMBoostLatentUpscale"][0]["warning"] == ""
+    # a run that warned (a mode the model was not trained for): the warning shows under the node, in orange,
+    # until the next run or a new connection
+    app.page.evaluate("""() => { const up = window.app.graph._nodes.find(n => n.type === 'FMBoostLatentUpscale');
+        up.onExecuted({fmboost: [{input: [1, 4, 64, 96], output: [1, 4, 128, 192], seconds: 1.5, evaluations: 2,
+                                  warning: 'this model was trained for pixel up-sampling, not latent'}]});
+        window.app.canvas.setDirty(true, true); window.app.canvas.draw(true, true); }""")
+    app.page.wait_for_timeout(300)
+    app.screenshot("warning")
+    up = [n for n in app.nodes() if n["type"] == "FMBoostLatentUpscale"][0]
+    assert up["label"].startswith("96×64 → 192×128 latent · 1536×1024 px · 2 evals")
+    assert up["warning"] == "⚠ this model was trained for pixel up-sampling, not latent"
     assert app.ours_errors() == []
 
 
@@ -173,7 +185,7 @@ def _queue_workflow(app, wf):
 
 
 def test_queue_shows_progress_and_the_output_image(app, server):
-    wf = json.loads((REPO / "workflows" / "upscale_existing_image.json").read_text())
+    wf = json.loads((REPO / "workflows" / "Upscale an existing image 2x with CFM.json").read_text())
     for node in wf["nodes"]:
         if node["type"] == "FMBoostLoadCFMModel":
             node["widgets_values"][0] = "tiny.safetensors"
@@ -218,7 +230,7 @@ def test_cancel_stops_a_long_run_and_the_ui_stays_usable(app, server, latent_fil
 def test_template_browser_lists_our_workflows_with_previews(app, server):
     import requests
     listed = requests.get(server.url + "/api/workflow_templates", timeout=10).json()
-    pack = next(k for k, v in listed.items() if "upscale_existing_image" in v)
+    pack = next(k for k, v in listed.items() if "Upscale an existing image 2x with CFM" in v)
     assert sorted(listed[pack]) == sorted(p.stem for p in WORKFLOWS)
     app.page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
     app.page.wait_for_timeout(1500)
@@ -234,7 +246,8 @@ def test_template_browser_lists_our_workflows_with_previews(app, server):
     app.page.wait_for_timeout(1000)
     app.screenshot("templates")
     # the cards fetch our previews and show them as decoded images (blob URLs)
-    fetched = sorted({url.split("/")[-1].split("?")[0] for url, status in app.responses
+    from urllib.parse import unquote
+    fetched = sorted({unquote(url.split("/")[-1].split("?")[0]) for url, status in app.responses
                       if f"/workflow_templates/{pack}/" in url and url.split("?")[0].endswith(".jpg")
                       and status == 200})
     assert fetched == sorted(f"{p.stem}.jpg" for p in WORKFLOWS)

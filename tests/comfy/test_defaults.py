@@ -14,10 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from comfy_support import cfm_stage
 from comfyui_server import ComfyServer, execution_error
-from support import REPO, SHARED, needs_shared
-
-pytestmark = needs_shared
+from support import REPO, SHARED, require_shared
 
 DEFAULT_MODEL = "fmboost-sd15-x2.safetensors"
 LOW_SIDE = 160        # low-res long side in pixels: ground truth 320 px, latents 20 → 40
@@ -28,7 +27,7 @@ def val_photos(count=PHOTOS, low_side=LOW_SIDE):
     """(name, low-res uint8 HWC, ground truth float BCHW) of the first held-out photos."""
     from fmboost.training.data import downscale2, load_rgb, scan_images
     out = []
-    for path in scan_images(SHARED / "data" / "photos" / "val", 0).usable[:count]:
+    for path in scan_images(require_shared(SHARED / "data" / "photos" / "val"), 0).usable[:count]:
         img = load_rgb(path)
         _, h, w = img.shape
         ch, cw = min(h, 2 * low_side) // 16 * 16, min(w, 2 * low_side) // 16 * 16
@@ -147,44 +146,6 @@ def test_a_mode_the_model_was_not_trained_for_runs_with_a_warning(fresh_server):
 
 
 WORKFLOWS = sorted((REPO / "workflows" / "api").glob("*.json"))
-
-
-def cfm_stage(workflow: dict, image: str):
-    """The workflow's CFM configuration, exactly as it is (Load CFM Model, Solver Settings, every CFM Latent
-    Upscale of its chain), fed by a photo (Load Image → VAE Encode, TAESD) in place of the KSampler; its VAE
-    input, if any, is TAESD too. Returns the prompt, the output node and the number of ×2 stages."""
-    ups = {k: v for k, v in workflow.items() if v["class_type"] == "FMBoostLatentUpscale"}
-    chain = [next(k for k, v in ups.items() if v["inputs"]["samples"][0] not in ups)]
-    while nxt := next((k for k, v in ups.items() if v["inputs"]["samples"][0] == chain[-1]), None):
-        chain.append(nxt)
-    prompt = {
-        "photo": {"class_type": "LoadImage", "inputs": {"image": image}},
-        "taesd": {"class_type": "VAELoader", "inputs": {"vae_name": "taesd"}},
-        "encode": {"class_type": "VAEEncode", "inputs": {"pixels": ["photo", 0], "vae": ["taesd", 0]}},
-    }
-    for key in chain:
-        inputs = dict(workflow[key]["inputs"])
-        for name, value in list(inputs.items()):
-            if not isinstance(value, list):
-                continue
-            src = workflow[value[0]]
-            if name == "samples":
-                inputs[name] = ["encode", 0] if key == chain[0] else [f"w{value[0]}", 0]
-            elif name == "vae":
-                inputs[name] = ["taesd", 0]
-            else:
-                assert src["class_type"].startswith("FMBoost"), (name, src["class_type"])
-                prompt[f"w{value[0]}"] = {"class_type": src["class_type"], "inputs": src["inputs"]}
-                inputs[name] = [f"w{value[0]}", 0]
-        prompt[f"w{key}"] = {"class_type": "FMBoostLatentUpscale", "inputs": inputs}
-    prompt["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"w{chain[-1]}", 0], "vae": ["taesd", 0]}}
-    prompt["save"] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "wf"}}
-    prompt["bilinear"] = {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["encode", 0],
-                                                                      "upscale_method": "bilinear",
-                                                                      "scale_by": float(2 ** len(chain))}}
-    prompt["decode_b"] = {"class_type": "VAEDecode", "inputs": {"samples": ["bilinear", 0], "vae": ["taesd", 0]}}
-    prompt["save_b"] = {"class_type": "SaveImage", "inputs": {"images": ["decode_b", 0], "filename_prefix": "b"}}
-    return prompt, len(chain)
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)

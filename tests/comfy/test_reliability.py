@@ -8,6 +8,7 @@ import torch
 
 from comfy_support import read_latent, solver, upscale_prompt
 from comfyui_server import Watcher, execution_error
+from support import SHARED, require_shared
 
 
 def raw_latent(b, h, w, seed=0):
@@ -55,6 +56,8 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_gives_a_clear_error_and_the_server_goes_on(server, latent_file, case):
     changes, needle = BAD_INPUTS[case]
+    if case == "other_architecture":
+        require_shared(SHARED / "weights" / "sd-latent-upscaler-city96")
     prompt = upscale_prompt(latent_file(latent_of(case)), **changes)
     entry = server.run(prompt)
     err = execution_error(entry)

@@ -8,7 +8,7 @@ from fmboost.flow.schedule import alpha_bar
 from fmboost.models import load_checkpoint
 
 from comfy_support import TINY_METHOD, read_latent, solver, upscale_prompt
-from support import FIXTURES
+from support import FIXTURES, require_shared
 
 NODES = {"FMBoostLoadCFMModel": "Load CFM Model", "FMBoostLatentUpscale": "CFM Latent Upscale",
          "FMBoostSolverSettings": "CFM Solver Settings"}
@@ -38,7 +38,8 @@ def test_nodes_are_registered_with_tooltips(server):
             for name, spec in node["input"].get(section, {}).items():
                 assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
     ckpts = info["FMBoostLoadCFMModel"]["input"]["required"]["ckpt_name"][1]["options"]
-    assert {"tiny.safetensors", "authors_small.ckpt"} <= set(ckpts)
+    assert {"tiny.safetensors", "fmboost-sd15-x2.safetensors"} <= set(ckpts)
+    assert "authors_small.ckpt" in ckpts or not FIXTURES.exists()
     assert info["FMBoostLatentUpscale"]["output"] == ["LATENT"]
 
 
@@ -70,6 +71,7 @@ def test_tile_size_runs_in_windows_like_the_core(server, latent_file):
 
 
 def test_upscale_authors_checkpoint(server, latent_file):
+    require_shared(FIXTURES)
     lat = raw_latent(1, 8, 8, seed=3)
     for weights in ("ema", "online"):
         entry = server.run(upscale_prompt(latent_file(lat), "authors_small.ckpt", seed=1, noise=400,
@@ -163,6 +165,7 @@ def test_paths_outside_the_model_folders_are_refused(server, latent_file):
 
 def test_bare_state_dict_with_sidecar_in_latent_upscale_models(server, latent_file):
     """small_net.safetensors (the EMA weights, no metadata) + its config beside it == the .ckpt's EMA weights."""
+    require_shared(FIXTURES)
     name = latent_file(raw_latent(1, 8, 8, seed=9))
     a = server.run(upscale_prompt(name, "authors_small_net.safetensors", seed=2, noise=400))
     b = server.run(upscale_prompt(name, "authors_small.ckpt", seed=2, noise=400, weights="ema"))
@@ -196,3 +199,12 @@ def test_a_users_model_of_the_shipped_name_wins_over_the_shipped_one(server, lat
     expected = reference(server.base / "models/cfm/fmboost-sd15-x2.safetensors", lat, seed=1,
                          step=TINY_METHOD.noise_step)
     torch.testing.assert_close(read_latent(server.output_file(entry, "4")), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_server_starts_clean(server):
+    """What a newcomer sees at start: the pack loads, and ComfyUI prints no import failures (torchaudio is
+    provisioned beside the pinned torch)."""
+    log = server.log_text()
+    start = log[:log.index("Starting server")]  # the start, before any test's prompt could log anything
+    assert "ComfyUI-FMBoost" in start and "IMPORT FAILED" not in start, start[-3000:]
+    assert "No module named 'torchaudio'" not in start and "Traceback" not in start, start[-3000:]

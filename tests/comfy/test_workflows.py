@@ -10,13 +10,17 @@ from comfyui_server import PromptRejected, execution_error
 from support import REPO
 
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+IMAGE_WORKFLOW = "Upscale an existing image 2x with CFM"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
 def test_there_are_four_workflows_with_api_copies():
     names = {p.stem for p in WORKFLOWS}
-    assert names == {"sd15_txt2img_cfm_1024", "lcm_lora_4step_cfm_1024", "sd15_cfm_cascade_2048",
-                     "upscale_existing_image"}
+    assert names == {"SD1.5 text to image at 512 px, then CFM upscale to 1024 px",
+                     "SD1.5 with LCM LoRA in 4 steps, then CFM upscale to 1024 px",
+                     "SD1.5 at 512 px, then two CFM upscales to 2048 px", IMAGE_WORKFLOW}
+    for p in WORKFLOWS:  # the template browser shows the name as title and description: a sentence, and a
+        assert (REPO / "workflows" / f"{p.stem}.jpg").is_file()  # result image as its thumbnail
     for p in WORKFLOWS:
         assert (REPO / "workflows" / "api" / p.name).is_file()
 
@@ -93,14 +97,14 @@ def test_api_workflow_passes_server_validation(server, path):
     assert r.status_code == 200, r.text
     assert r.json()["node_errors"] == {}
     entry = server.wait(r.json()["prompt_id"])
-    if path.stem != "upscale_existing_image":
+    if path.stem != IMAGE_WORKFLOW:
         # validation passed; the test server's SD1.5 checkpoint is an empty placeholder
         err = execution_error(entry)
         assert err is not None and err["node_type"] == "CheckpointLoaderSimple"
 
 
 def test_upscale_existing_image_runs_end_to_end(server):
-    prompt = json.loads((REPO / "workflows" / "api" / "upscale_existing_image.json").read_text())
+    prompt = json.loads((REPO / "workflows" / "api" / f"{IMAGE_WORKFLOW}.json").read_text())
     entry = server.run(prompt)
     assert entry["status"]["status_str"] == "success", execution_error(entry)
     save_id = next(k for k, v in prompt.items() if v["class_type"] == "SaveImage")
@@ -124,7 +128,7 @@ def test_shipped_model_upscales_the_example_photo_faithfully(server):
     assert SHIPPED.is_file(), "the default model is part of the repository"
     shutil.copy(SHIPPED, server.base / "models" / "cfm" / "shipped-default.safetensors")
     shutil.copy(REPO / "assets" / "fmboost_example.png", server.base / "input" / "example_photo.png")
-    prompt = json.loads((REPO / "workflows" / "api" / "upscale_existing_image.json").read_text())
+    prompt = json.loads((REPO / "workflows" / "api" / f"{IMAGE_WORKFLOW}.json").read_text())
     for node in prompt.values():
         if node["class_type"] == "LoadImage":
             node["inputs"]["image"] = "example_photo.png"

@@ -14,7 +14,7 @@ from fmboost.flow.tiling import (DoesNotFit, TiledNetwork, is_out_of_memory, pla
 from fmboost.models import load_checkpoint
 from fmboost.models.taesd import TAESD
 from fmboost.models.unet import CFMUNet, UNetConfig
-from support import REPO, SHARED
+from support import REPO, SHARED, require_shared
 
 CFG = UNetConfig(model_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(2,),
                  num_heads=2, dim_head=16)
@@ -83,7 +83,7 @@ def test_tiled_upscale_of_a_photo_matches_the_untiled_one(shipped):
     """The shipped model on a held-out photo (512×384 px → latent 48×64 → 96×128): windows of 48 and 32
     latent pixels give images within invisible distance of the untiled run, and no worse against the truth."""
     ck, net, vae = shipped
-    path = sorted((SHARED / "data" / "photos" / "val").iterdir())[3]
+    path = sorted(require_shared(SHARED / "data" / "photos" / "val").iterdir())[3]
     truth = torch.from_numpy(np.array(Image.open(path).convert("RGB").resize((512, 384)))).float()
     truth = truth.div(255).permute(2, 0, 1)[None]
     settings = UpscaleSettings(scale_factor=ck.method.scale_factor, mode="pixel", noise_step=400, seed=0,

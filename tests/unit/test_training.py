@@ -16,7 +16,7 @@ from fmboost.models.autoencoder_kl import AutoencoderKL
 from fmboost.models.taesd import TAESD
 from fmboost.training import metrics
 from fmboost.training.train import TrainConfig, train
-from support import REPO, SHARED
+from support import REPO, SHARED, require_shared
 
 TAESD_DIR = REPO / "weights" / "taesd"
 TINY_NET = dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2], num_heads=2,
@@ -25,6 +25,7 @@ TINY_NET = dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attent
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
+    require_shared(SHARED / "data" / "photos")
     root = tmp_path_factory.mktemp("photos")
     (root / "train").mkdir()
     (root / "val").mkdir()
