@@ -282,8 +282,7 @@ def markdown(results, args, model_info, n_images):
                if args.records else []),
              ""]
     lines += ["Image grids: `bench/quality_grid_256.jpg`, `bench/quality_grid_512.jpg` (columns: low-res, latent "
-              "bilinear, city96, regression baseline when measured, CFM Euler "
-              f"{args.sweep_evals} evaluations, ground truth). Reading: `weights/cfm/MODEL_CARD.md` (Measured quality).",
+              "bilinear, city96, regression baseline when measured, CFM at the node defaults, ground truth). Reading: `weights/cfm/MODEL_CARD.md` (Measured quality).",
               ""]
     for size, mean in results.items():
         lines += [f"### {size}", "", "| method | PSNR dB | SSIM | JOD | detail | colour error | s/image |",
@@ -427,7 +426,7 @@ def main(argv=None):
     if args.shard and not args.records:
         ap.error("--shard needs --records")
     for size, count in zip(sizes, counts):
-        grid_cfm = f"(f) CFM euler {args.sweep_evals} evals, k={cfm_ck.method.noise_step}"
+        grid_cfm = next(n for n in table_methods if "node defaults" in n)  # what users get
         chosen = images[:count]
         if args.shard:
             k, n = (int(v) for v in args.shard.split("/"))
