@@ -14,6 +14,7 @@ from fmboost.flow.tiling import (DoesNotFit, TiledNetwork, is_out_of_memory, pla
 from fmboost.models import load_checkpoint
 from fmboost.models.taesd import TAESD
 from fmboost.models.unet import CFMUNet, UNetConfig
+from fmboost.flow.settings import resolve
 from support import REPO, SHARED, require_shared
 
 CFG = UNetConfig(model_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(2,),
@@ -86,8 +87,8 @@ def test_tiled_upscale_of_a_photo_matches_the_untiled_one(shipped):
     path = sorted(require_shared(SHARED / "data" / "photos" / "val").iterdir())[3]
     truth = torch.from_numpy(np.array(Image.open(path).convert("RGB").resize((512, 384)))).float()
     truth = truth.div(255).permute(2, 0, 1)[None]
-    settings = UpscaleSettings(scale_factor=ck.method.scale_factor, mode="pixel", noise_step=400, seed=0,
-                               solver=SolverSettings("euler", steps=4), size_multiple=ck.net_config.size_multiple)
+    # the node's defaults for this model (flow.settings.resolve), not numbers written here for one model
+    settings = resolve(ck.method, size_multiple=ck.net_config.size_multiple, have_vae=True).settings
     with torch.inference_mode():
         low = vae.encode(F.interpolate(truth, scale_factor=0.5, mode="area"))
         whole = vae.decode(upscale(net, low, settings, vae=vae))
