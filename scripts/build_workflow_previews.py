@@ -3,8 +3,8 @@
 
 Each workflow's CFM configuration (Load CFM Model, its solver and every CFM Latent Upscale, exactly as saved)
 runs through a real ComfyUI server with the shipped model on the pack's example photo (CC0), VAE Encode
-standing in for the KSampler. The thumbnail is one crop: the input on the left (nearest-neighbour, as it is
-pixel for pixel), the workflow's result on the right. Needs the provisioned environment (scripts/provision.sh).
+standing in for the KSampler. The thumbnail is one crop at the result's scale: the input on the left (its pixels magnified by
+nearest neighbour), the workflow's result on the right. Needs the provisioned environment (scripts/provision.sh).
 
     .venv/bin/python scripts/build_workflow_previews.py
 """
@@ -27,12 +27,12 @@ THUMB = (512, 384)   # what the template cards show, 4:3
 
 
 def thumbnail(low, result, size=THUMB):
-    """Left: the input, right: the result, the same centre crop of the picture, each half the thumbnail."""
+    """Left: the input, right: the result, the same centre crop of the picture at the result's own scale (one
+    result pixel per thumbnail pixel, the input's pixels magnified by nearest neighbour), each half the
+    thumbnail."""
     from PIL import Image
     half_w, h = size[0] // 2, size[1]
-    # the crop, in result pixels: as large as the result allows at the thumbnail's aspect ratio of one half
-    crop_h = min(result.height, result.width * h // half_w)
-    crop_w = crop_h * half_w // h
+    crop_w, crop_h = min(half_w, result.width), min(h, result.height)
     left, top = (result.width - crop_w) // 2, (result.height - crop_h) // 2
     box = (left, top, left + crop_w, top + crop_h)
     ours = result.crop(box).resize((half_w, h), Image.LANCZOS)
