@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..flow.source import MODES, make_source
+
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
@@ -76,7 +78,7 @@ def downscale2(pixels: torch.Tensor) -> torch.Tensor:
 #     lo     encode(image downscaled ×2)                                (H/16)  what a diffusion model makes
 #     latent, pixel  the source on the high-res grid in each up-sampling mode                    (H/8)
 
-SOURCES = ("latent", "pixel")   # the up-sampling modes (flow.source.MODES), one stored source each
+SOURCES = MODES   # one stored source per up-sampling mode
 STORE_CHUNK = 64
 
 
@@ -96,7 +98,6 @@ def prepare_image(img: torch.Tensor, max_side: int) -> torch.Tensor:
 @torch.inference_mode()
 def encode_image(vae, img: torch.Tensor) -> dict[str, torch.Tensor]:
     """One prepared image (3, H, W) → its target, low-res latent and every source, network space."""
-    from ..flow.source import make_source
     s = vae.scale_factor
     device = next(vae.parameters()).device
     pixels = img[None].to(device)
