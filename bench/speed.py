@@ -260,14 +260,18 @@ def main(argv=None):
 def node_defaults(args) -> str:
     """What a user waits for: 64² → 128² latent (512² → 1024² px) with each shipped model at the node's defaults
     (flow.settings.resolve: the trained source, noise step and recommended solver; the pack's TAESD builds a
-    pixel-mode source), against the two resizes it replaces, timed in the same run. Batch 1, fp32, best of
-    `runs` after a warm-up. Returns a section for bench/RESULTS.md."""
+    pixel-mode source in the model's precision), against the two resizes it replaces, timed in the same run.
+    Batch 1, best of `runs` after a warm-up, at the precision `auto` picks (on the CPU: flow.runtime.cpu_dtype)
+    and in fp32. Returns a section for bench/RESULTS.md."""
     import torch.nn.functional as F
+    from fmboost.flow.runtime import cpu_dtype
     from fmboost.flow.settings import resolve
     from fmboost.flow.source import make_source
     from fmboost.models.taesd import TAESD
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    taesd = TAESD.from_folder(REPO / "weights" / "taesd").to(device)
+    auto = cpu_dtype() if device.type == "cpu" else (
+        torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    dtypes = [auto] + ([torch.float32] if auto != torch.float32 else [])
     latent = torch.randn(1, 4, 64, 64, device=device) * 5
     runs = max(3, args.runs)
 
@@ -275,27 +279,33 @@ def node_defaults(args) -> str:
         fn()
         return min(timed(fn, device, 1, warm_up=False)[0] for _ in range(runs))
 
+    def name(dtype):
+        return str(dtype).split(".")[-1] + (" (auto)" if dtype == auto else "")
+
     s = 0.18215
-    base = {"latent bilinear ×2 (core LatentUpscaleBy)":
-            best(lambda: F.interpolate(latent, scale_factor=2, mode="bilinear")),
-            "TAESD decode → bilinear ×2 → TAESD encode (the pixel-space source alone)":
-            best(lambda: make_source(latent * s, "pixel", s, taesd))}
-    rows = dict(base)
-    for path in sorted((REPO / "weights" / "cfm").glob("*.safetensors")):
-        ck = load_checkpoint(path)
-        net = ck.build_network(torch.float32).to(device)
-        r = resolve(ck.method, size_multiple=ck.net_config.size_multiple)
-        solver = r.settings.solver
-        rows[f"{path.name}, node defaults ({r.settings.mode} source, {solver.method} {solver.steps}, "
-             f"k={r.settings.noise_step})"] = best(lambda: upscale(net, latent, r.settings, vae=taesd, device=device))
-    source = base["TAESD decode → bilinear ×2 → TAESD encode (the pixel-space source alone)"]
+    rows = {("latent bilinear ×2 (core LatentUpscaleBy)", "float32"):
+            best(lambda: F.interpolate(latent, scale_factor=2, mode="bilinear"))}
+    source = "TAESD decode → bilinear ×2 → TAESD encode (the pixel-space source alone)"
+    for dtype in dtypes:
+        taesd = TAESD.from_folder(REPO / "weights" / "taesd").to(device).set_precision(dtype)
+        rows[(source, name(dtype))] = best(lambda: make_source(latent * s, "pixel", s, taesd))
+        for path in sorted((REPO / "weights" / "cfm").glob("*.safetensors")):
+            ck = load_checkpoint(path)
+            net = ck.build_network(dtype).to(device)
+            r = resolve(ck.method, size_multiple=ck.net_config.size_multiple)
+            solver = r.settings.solver
+            rows[(f"{path.name}, node defaults ({r.settings.mode} source, {solver.method} {solver.steps}, "
+                  f"k={r.settings.noise_step})", name(dtype))] = best(
+                lambda: upscale(net, latent, r.settings, vae=taesd, device=device))
+    base = rows[(source, name(torch.float32))]
     lines = [f"## Node defaults speed ({datetime.date.today().isoformat()})", "",
              f"- machine: {cpu_name() if device.type == 'cpu' else torch.cuda.get_device_name(device)}, "
              f"{torch.get_num_threads()} threads; torch {torch.__version__}, Python {platform.python_version()}",
-             f"- 64² → 128² latent (512² → 1024² px), batch 1, fp32, best of {runs} after a warm-up; "
-             "`bench/speed.py --defaults-only`", "",
-             "| what | seconds | × the pixel-space source alone |", "|---|---|---|"]
-    lines += [f"| {name} | {sec:.3f} | {sec / source:.2f} |" for name, sec in rows.items()]
+             f"- 64² → 128² latent (512² → 1024² px), batch 1, best of {runs} after a warm-up; "
+             "`bench/speed.py --defaults-only`. Precision: what the node's weight_dtype `auto` picks on this "
+             "device (network and the pack's TAESD), and fp32", "",
+             "| what | precision | seconds | × the fp32 pixel-space source alone |", "|---|---|---|---|"]
+    lines += [f"| {what} | {prec} | {sec:.3f} | {sec / base:.2f} |" for (what, prec), sec in rows.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -89,8 +89,19 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, pw, 0, ph), mode=mode)
 
 
+def build_source(latent: torch.Tensor, settings: UpscaleSettings, vae: Optional[PixelVAE] = None,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """Raw latent (B, C, h, w) → the scaled source (B, C, 2h, 2w) on `device` (`source.make_source`). A caller
+    that manages device memory builds it before loading the network: in pixel mode the VAE's own load could
+    otherwise unload the network in the middle of an upscale."""
+    device = torch.device(device) if device is not None else latent.device
+    z = latent.to(device, torch.float32) * settings.scale_factor
+    return make_source(z, settings.mode, settings.scale_factor, vae)
+
+
 def upscale(network: Network, latent: torch.Tensor, settings: UpscaleSettings, *,
-            vae: Optional[PixelVAE] = None, batch_index: Optional[Sequence[int]] = None,
+            vae: Optional[PixelVAE] = None, source: Optional[torch.Tensor] = None,
+            batch_index: Optional[Sequence[int]] = None,
             noise: Optional[torch.Tensor] = None, latent_channels: int = 4,
             on_progress: Optional[Callable[[Progress], None]] = None,
             device: torch.device | str | None = None, max_batch: Optional[int] = None,
@@ -100,7 +111,8 @@ def upscale(network: Network, latent: torch.Tensor, settings: UpscaleSettings, *
 
     `max_batch` caps how many items are integrated together (memory); items are independent either way.
     `tile` (output latent pixels) runs the network on overlapping windows of that size (`tiling.TiledNetwork`);
-    `before_window` is called before each window (cancellation inside a long tiled evaluation)."""
+    `before_window` is called before each window (cancellation inside a long tiled evaluation). `source`: the
+    output of `build_source` for these arguments when the caller built it already (then `vae` is not used)."""
     check_latent(latent, latent_channels)
     step = check_step(settings.noise_step)
     device = torch.device(device) if device is not None else latent.device
@@ -110,8 +122,13 @@ def upscale(network: Network, latent: torch.Tensor, settings: UpscaleSettings, *
     if len(batch_index) != b:
         raise InputError(f"batch_index has {len(batch_index)} entries for a batch of {b}")
 
-    z = latent.to(device, torch.float32) * settings.scale_factor
-    z_up = make_source(z, settings.mode, settings.scale_factor, vae)
+    if source is None:
+        z_up = build_source(latent, settings, vae, device)
+    else:
+        z_up = source.to(device, torch.float32)
+        b, c, h, w = latent.shape
+        if tuple(z_up.shape) != (b, c, 2 * h, 2 * w):
+            raise InputError(f"the source {tuple(z_up.shape)} does not fit the latent {tuple(latent.shape)}")
     out_h, out_w = z_up.shape[-2:]
     if noise is None:
         noise = item_noise(z_up.shape[1:], settings.seed, batch_index)

@@ -14,8 +14,8 @@ import folder_paths
 import latent_preview
 
 from ..flow import Progress
-from ..flow.runtime import RuntimeOptions, prepare_network
-from ..flow.tiling import DoesNotFit, bytes_per_pixel, min_window, plan_run
+from ..flow.runtime import RuntimeOptions, cpu_dtype, prepare_network
+from ..flow.tiling import DoesNotFit, bytes_per_pixel, min_window, plan_run, round_down
 from ..models import MethodSettings, UNetConfig
 
 MODEL_FOLDERS = ("cfm", "latent_upscale_models")
@@ -70,7 +70,7 @@ def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
     if choice != "auto":
         return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[choice]
     if device.type == "cpu":
-        return torch.float32
+        return cpu_dtype()
     if mm.should_use_bf16(device):
         return torch.bfloat16
     if mm.should_use_fp16(device):
@@ -96,11 +96,24 @@ class CFMModel:
         return cls(name, patcher, net_config, method, dtype, runtime)
 
     def load(self, batch: int, height: int, width: int, tile: int = 0) -> "RunPlan":
-        """Load to the device (ComfyUI frees other models as needed) and plan the run: how many items go
-        through the network together and, when one item's activations do not fit, the window size."""
+        """Load to the device and plan the run: how many items go through the network together and, when one
+        item's activations do not fit, the window size.
+
+        The network is small next to its activations, so it is always loaded whole, asking model management
+        only for the least working memory the run can fall back to (one smallest window, or one of the user's
+        windows). Asking for the whole untiled run, as this once did, made ComfyUI on NVIDIA keep the weights
+        on the CPU whenever that figure exceeded free VRAM: exactly the runs tiling exists for. Other models
+        are then unloaded, as far as needed and possible, to give the whole run room; the plan fits what is
+        free after that."""
         per_pixel = bytes_per_pixel(self.net_config.model_channels, self.dtype)
-        mm.load_models_gpu([self.patcher], memory_required=per_pixel * height * width * batch)
         device = self.patcher.load_device
+        side = round_down(tile, self.net_config.size_multiple) if tile else self.min_tile
+        least = per_pixel * min(side, height) * min(side, width)
+        whole = per_pixel * (min(side, height) * min(side, width) if tile else height * width * batch)
+        mm.load_models_gpu([self.patcher], memory_required=least, force_full_load=True)
+        if whole > least and device != torch.device("cpu"):
+            mm.free_memory(whole + mm.extra_reserved_memory(), device,
+                           keep_loaded=[m for m in mm.current_loaded_models if m.model is self.patcher])
         free = mm.get_free_memory(device)
         try:
             max_batch, tile = plan_run(per_pixel, batch, height, width, int(0.9 * free),
@@ -151,14 +164,15 @@ class ComfyVAE:
 _TAESD = {}
 
 
-def builtin_taesd(device):
-    """The pack's own TAESD (weights/taesd, MIT) on `device`, for pixel-mode sources when no VAE is connected.
-    Small (2.4 M parameters), so it is kept outside ComfyUI's model management."""
+def builtin_taesd(device, dtype=torch.float32):
+    """The pack's own TAESD (weights/taesd, MIT) on `device` in the CFM model's precision, for pixel-mode
+    sources when no VAE is connected. Small (2.4 M parameters), so it is kept outside ComfyUI's model
+    management."""
     from ..models.taesd import TAESD
-    key = str(device)
+    key = (str(device), dtype)
     if key not in _TAESD:
         _TAESD.clear()
-        _TAESD[key] = TAESD.from_folder(os.path.join(PACK_DIR, "weights", "taesd")).to(device)
+        _TAESD[key] = TAESD.from_folder(os.path.join(PACK_DIR, "weights", "taesd")).to(device).set_precision(dtype)
     return _TAESD[key]
 
 

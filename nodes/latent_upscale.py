@@ -8,7 +8,7 @@ import torch
 from comfy_api.latest import io
 
 from ..flow import EvaluationBudgetExceeded, InputError, upscale
-from ..flow.pipeline import check_latent
+from ..flow.pipeline import build_source, check_latent
 from ..flow.settings import AUTO, MODEL_NOISE_STEP, UPSAMPLING_CHOICES, MissingVAE, resolve
 from ..flow.source import upsample_mask
 from ..flow.tiling import run_with_smaller_tiles
@@ -77,15 +77,22 @@ class CFMLatentUpscale(io.ComfyNode):
             # Bad input is reported before the model is moved to the device or any memory is taken.
             check_latent(latent, cfm_model.net_config.latent_channels)
             batch, height, width = latent.shape[0], latent.shape[-2] * 2, latent.shape[-1] * 2
-            plan = cfm_model.load(batch, height, width, tile=tile_size)
-            reporter = ProgressReporter(plan.device, solver.planned_evals())
+            device = cfm_model.patcher.load_device
             pixel_vae = ComfyVAE(vae) if vae is not None else None
             if resolved.builtin_vae:
-                pixel_vae = builtin_taesd(plan.device)
+                pixel_vae = builtin_taesd(device, cfm_model.dtype)
+            # The source first: a connected VAE's own load may unload other models, and must not unload ours
+            # between its load and the last evaluation. Built once, it also serves every out-of-memory retry.
+            with torch.inference_mode():
+                source = build_source(latent, settings, pixel_vae, device)
+            plan = cfm_model.load(batch, height, width, tile=tile_size)
+            reporter = ProgressReporter(plan.device, solver.planned_evals())
+            windows = []
 
             def run(tile):
+                windows.append(tile)
                 with torch.inference_mode():
-                    return upscale(plan.network, latent, settings, vae=pixel_vae,
+                    return upscale(plan.network, latent, settings, source=source,
                                    batch_index=samples.get("batch_index"),
                                    latent_channels=cfm_model.net_config.latent_channels, on_progress=reporter,
                                    device=plan.device, max_batch=plan.max_batch, tile=tile,
@@ -113,7 +120,11 @@ class CFMLatentUpscale(io.ComfyNode):
         seconds = time.perf_counter() - started
         info = {"input": list(latent.shape), "output": list(result["samples"].shape), "seconds": round(seconds, 3),
                 "evaluations": reporter.bar.current, "upsampling": settings.mode,
-                "noise_augmentation": settings.noise_step, "solver": f"{solver.method} {solver.steps}"}
+                "noise_augmentation": settings.noise_step, "solver": f"{solver.method} {solver.steps}",
+                # The memory plan, which free memory decides when tile_size is 0. Windows change the image
+                # within invisible distance (tested); the items per call leave it unchanged on the CPU (tested),
+                # while a GPU may pick other kernels for another batch size and differ in the last bits.
+                "plan": {"window": windows[-1] or "whole", "items_per_call": plan.max_batch}}
         if resolved.mismatch:
             info["warning"] = resolved.mismatch
         return io.NodeOutput(result, ui={"fmboost": [info]})

@@ -27,8 +27,9 @@ class LoadCFMModel(io.ComfyNode):
                                tooltip="CFM checkpoint: the pack's shipped models (weights/cfm) and your own in "
                                        "models/cfm or models/latent_upscale_models."),
                 io.Combo.Input("weight_dtype", options=["auto", "fp32", "fp16", "bf16"], default="auto",
-                               tooltip="Precision of the weights on the device. auto: bf16 or fp16 on a GPU "
-                                       "that supports it, fp32 on the CPU."),
+                               tooltip="Precision of the weights on the device (and of the pack's TAESD when it "
+                                       "builds the source). auto: bf16 or fp16 on a GPU that supports it; on the "
+                                       "CPU bf16 where it has bf16 instructions (about 2× faster), else fp32."),
                 io.Combo.Input("weights", options=["ema", "online"], default="ema",
                                tooltip="For the authors' training checkpoints: the EMA weights (usually better) "
                                        "or the online weights. Other files hold one set and ignore this."),

@@ -188,6 +188,28 @@ def test_half_precision_keeps_the_time_embedding_in_fp32_and_stays_close():
         assert rel < 0.03, (dtype, float(rel))
 
 
+def test_the_shipped_pipeline_in_bf16_gives_the_fp32_image():
+    """What `auto` runs on a CPU with bf16 instructions: the network and the pack's TAESD (channels-last) in
+    bf16, the ODE state in fp32. The photo must come out the same to the eye and no worse against the truth."""
+    ck = load_checkpoint(REPO / "weights" / "cfm" / "fmboost-sd15-x2.safetensors")
+    img = Image.open(REPO / "assets" / "fmboost_example.png").convert("RGB").resize((256, 256))
+    truth = torch.from_numpy(np.array(img)).float().div(255).permute(2, 0, 1)[None]
+    settings = resolve(ck.method, size_multiple=ck.net_config.size_multiple, have_vae=True).settings
+    ref_vae = TAESD.from_folder(REPO / "weights" / "taesd")
+    out = {}
+    with torch.inference_mode():
+        low = ref_vae.encode(F.interpolate(truth, scale_factor=0.5, mode="area"))
+        for dtype in (torch.float32, torch.bfloat16):
+            vae = TAESD.from_folder(REPO / "weights" / "taesd").set_precision(dtype)
+            assert vae.encoder[0].weight.dtype == dtype
+            assert vae.encoder[0].weight.is_contiguous(memory_format=torch.channels_last)
+            z = upscale(ck.build_network(dtype), low, settings, vae=vae)
+            assert z.dtype == torch.float32 and vae.encode(truth).dtype == torch.float32
+            out[dtype] = ref_vae.decode(z)
+    assert psnr(out[torch.bfloat16], out[torch.float32]) > 38
+    assert psnr(out[torch.bfloat16], truth) > psnr(out[torch.float32], truth) - 0.05
+
+
 def test_channels_last_gives_the_same_velocity():
     net = tiny_net()
     x, c, t = torch.randn(2, 4, 16, 24), torch.randn(2, 4, 16, 24), torch.tensor(0.4)
