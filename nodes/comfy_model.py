@@ -1,6 +1,7 @@
 """ComfyUI glue around the core: model folders, model management, the VAE adapter, progress/preview/cancel."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ import latent_preview
 
 from ..flow import Progress
 from ..flow.runtime import RuntimeOptions, cpu_dtype, prepare_network
-from ..flow.tiling import DoesNotFit, bytes_per_pixel, min_window, plan_run, round_down
+from ..flow.tiling import DoesNotFit, bytes_per_pixel, is_out_of_memory, min_window, plan_run, round_down
 from ..models import MethodSettings, UNetConfig
 
 MODEL_FOLDERS = ("cfm", "latent_upscale_models")
@@ -176,6 +177,20 @@ def builtin_taesd(device, dtype=torch.float32):
     return _TAESD[key]
 
 
+def preview_latent(latent: torch.Tensor) -> torch.Tensor:
+    """What a preview decodes: the predicted latent area-averaged down to ComfyUI's preview size (`--preview-size`,
+    512 px by default), not the full output. A preview of a 2048² px upscale then costs what a 512² one does,
+    so it can never be what runs the device out of memory."""
+    from comfy.cli_args import args
+    limit = max(1, int(getattr(args, "preview_size", 512) or 512) // 8)
+    h, w = latent.shape[-2:]
+    if max(h, w) > limit:
+        scale = limit / max(h, w)
+        latent = torch.nn.functional.interpolate(latent.float(), size=(max(1, round(h * scale)),
+                                                                        max(1, round(w * scale))), mode="area")
+    return latent.float()
+
+
 class ProgressReporter:
     """Progress bar per network evaluation, latent previews when enabled, and Cancel checked every evaluation."""
 
@@ -188,5 +203,15 @@ class ProgressReporter:
         mm.throw_exception_if_processing_interrupted()
         preview = None
         if self.previewer is not None:
-            preview = self.previewer.decode_latent_to_preview_image("JPEG", progress.preview(rows=1).float())
+            try:
+                latent = preview_latent(progress.preview(rows=1))
+                preview = self.previewer.decode_latent_to_preview_image("JPEG", latent)
+            except Exception as error:  # noqa: BLE001 - only out-of-memory is handled, anything else is raised
+                if not is_out_of_memory(error):
+                    raise
+                # A preview is not worth the run: it must not count as the network's out-of-memory either,
+                # which would shrink the windows for nothing.
+                self.previewer = None
+                logging.warning("CFM Latent Upscale: out of memory while decoding a preview; previews are off "
+                                "for the rest of this upscale")
         self.bar.update_absolute(progress.nfe, progress.planned, preview)

@@ -94,6 +94,26 @@ def main():
             if args[0].shape[-1] > 64:
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         patcher.model.register_forward_pre_hook(out_of_memory)
+    elif scenario == "preview_oom":
+        # Previews on; the previewer runs out of memory on its second call. Its latents are recorded.
+        import latent_preview
+        real_get = latent_preview.get_previewer
+
+        def get_previewer(device, latent_format):
+            previewer = real_get(device, latent_format)
+            real_decode = previewer.decode_latent_to_preview_image
+
+            def decode(fmt, x0):
+                report.setdefault("previews", []).append(list(x0.shape))
+                if len(report["previews"]) == 2:
+                    raise torch.OutOfMemoryError("CUDA out of memory (simulated, in the preview)")
+                return real_decode(fmt, x0)
+            previewer.decode_latent_to_preview_image = decode
+            return previewer
+        latent_preview.get_previewer = get_previewer
+        from comfy.cli_args import LatentPreviewMethod
+        args.preview_method = LatentPreviewMethod.Latent2RGB
+        latent, state["free"] = torch.randn(1, 4, 96, 96), 1 * GiB
     elif scenario == "pixel_vae":
         # A connected VAE whose load has to unload everything else: free memory is a fixed small figure.
         import comfy.sd

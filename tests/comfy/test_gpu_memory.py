@@ -61,3 +61,12 @@ def test_out_of_memory_in_the_planned_windows_retries_smaller_with_the_model_loa
     assert_loaded_whole_and_done(r, [1, 4, 192, 192])
     first, last = max(r["windows"]), min(r["windows"])
     assert last[0] <= 64 < first[0] and r["plan"]["window"] == last[0]
+
+
+def test_previews_are_small_and_their_out_of_memory_is_not_the_networks(comfy_setup):
+    """Previews decode the prediction at ComfyUI's preview size (512 px: a 64² latent), not the 192² output; a
+    preview that runs out of memory turns previews off and leaves the plan alone."""
+    r = simulate(comfy_setup, "preview_oom")
+    assert_loaded_whole_and_done(r, [1, 4, 192, 192])
+    assert r["previews"] == [[1, 4, 64, 64]] * 2     # the second failed; none after it
+    assert r["windows"] == [[r["plan"]["window"]] * 2] and r["evaluations"] == 8   # no retry: 4 windows × 2
