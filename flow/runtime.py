@@ -5,6 +5,7 @@ fp32); the ODE state stays fp32 whatever the weights are, so step sizes as small
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,55 @@ class RuntimeOptions:
         return self.channels_last == "on" or (self.channels_last == "auto" and device.type == "cuda")
 
 
+# Compiled graphs kept per network: one per input shape (compiled with static shapes, the fastest kernels). torch
+# itself stops compiling after 8 graphs of one function, silently; CUDA graphs also hold memory per shape.
+MAX_COMPILED_SHAPES = {"compile": 8, "compile+cudagraphs": 4}
+
+
+class CompiledNetwork:
+    """`network` compiled once per input shape, for at most `limit` shapes (latent sizes, leftover batch chunks,
+    retry windows); beyond that, new shapes run eagerly, with one warning that says so. `release()` drops the
+    compiled graphs (and the CUDA graphs' memory with them, once nothing else holds it)."""
+
+    def __init__(self, network: torch.nn.Module, mode: str, limit: int | None = None):
+        self.network, self.mode = network, mode
+        self.limit = MAX_COMPILED_SHAPES[mode] if limit is None else limit
+        self.shapes: set = set()
+        self.fallbacks = 0
+        self._compiled = None
+
+    def _build(self):
+        if self.mode == "compile+cudagraphs":
+            compiled = torch.compile(self.network, mode="reduce-overhead", dynamic=False)
+
+            def run_graphed(x, t, context):
+                # CUDA graphs replay into the same output buffer: mark each evaluation as a new step and copy
+                # the result out before the next replay overwrites it.
+                torch.compiler.cudagraph_mark_step_begin()
+                return compiled(x, t, context).clone()
+            return run_graphed
+        return torch.compile(self.network, dynamic=False)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        shape = (tuple(x.shape), tuple(t.shape), str(x.device))
+        if shape not in self.shapes:
+            if len(self.shapes) >= self.limit:
+                if not self.fallbacks:
+                    logging.warning("CFM: %s already holds graphs for %d input sizes; %s runs uncompiled "
+                                    "(a new latent size, batch chunk or window each compile once)",
+                                    self.mode, self.limit, "×".join(map(str, x.shape)))
+                self.fallbacks += 1
+                return self.network(x, t, context)
+            self.shapes.add(shape)
+        if self._compiled is None:
+            self._compiled = self._build()
+        return self._compiled(x, t, context)
+
+    def release(self) -> None:
+        self._compiled = None
+        self.shapes.clear()
+
+
 def prepare_network(network: torch.nn.Module, device: torch.device, options: RuntimeOptions):
     """(x, t, context) → v, for `network` already on `device`."""
     channels_last = options.use_channels_last(device)
@@ -35,17 +85,9 @@ def prepare_network(network: torch.nn.Module, device: torch.device, options: Run
     network.channels_last = channels_last
     if options.compile == "off":
         return network
-    if options.compile == "compile+cudagraphs" and device.type == "cuda":
-        compiled = torch.compile(network, mode="reduce-overhead", dynamic=False)
-
-        def run_graphed(x, t, context):
-            # CUDA graphs replay into the same output buffer: mark each evaluation as a new step and copy the
-            # result out before the next replay overwrites it.
-            torch.compiler.cudagraph_mark_step_begin()
-            return compiled(x, t, context).clone()
-        return run_graphed
-    # Elsewhere CUDA graphs do not exist; plain compilation still fuses the element-wise work.
-    return torch.compile(network, dynamic=False)
+    # Elsewhere than CUDA, CUDA graphs do not exist; plain compilation still fuses the element-wise work.
+    mode = options.compile if device.type == "cuda" else "compile"
+    return CompiledNetwork(network, mode)
 
 
 def cpu_dtype() -> torch.dtype:

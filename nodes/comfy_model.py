@@ -10,6 +10,7 @@ import torch
 import comfy.latent_formats
 import comfy.model_management as mm
 import comfy.model_patcher
+from comfy.patcher_extension import CallbacksMP
 import comfy.utils
 import folder_paths
 import latent_preview
@@ -94,7 +95,15 @@ class CFMModel:
     def wrap(cls, name, network, net_config, method, dtype, runtime=RuntimeOptions()) -> "CFMModel":
         patcher = comfy.model_patcher.ModelPatcher(
             network, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
-        return cls(name, patcher, net_config, method, dtype, runtime)
+        model = cls(name, patcher, net_config, method, dtype, runtime)
+        # Unloaded by model management: drop the compiled graphs (CUDA graphs hold device memory of their own).
+        patcher.add_callback(CallbacksMP.ON_DETACH, lambda *_: model.release_prepared())
+        return model
+
+    def release_prepared(self) -> None:
+        if self._prepared is not None and hasattr(self._prepared[1], "release"):
+            self._prepared[1].release()
+        self._prepared = None
 
     def load(self, batch: int, height: int, width: int, tile: int = 0) -> "RunPlan":
         """Load to the device and plan the run: how many items go through the network together and, when one

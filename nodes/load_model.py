@@ -35,8 +35,10 @@ class LoadCFMModel(io.ComfyNode):
                                        "or the online weights. Other files hold one set and ignore this."),
                 io.Combo.Input("compile", options=list(COMPILE_MODES), default="off", optional=True,
                                tooltip="torch.compile the network: faster evaluations after a slow first run "
-                                       "(and one more slow run per new latent size). compile+cudagraphs also "
-                                       "replays CUDA graphs (CUDA only; best for fixed-step solvers and sizes)."),
+                                       "(and one more slow run per new latent size, up to 8 sizes; later sizes "
+                                       "run uncompiled, with a warning in the log). compile+cudagraphs also "
+                                       "replays CUDA graphs (CUDA only, up to 4 sizes; best for fixed-step "
+                                       "solvers and sizes). Compiled graphs are dropped when the model unloads."),
             ],
             outputs=[io.Custom(CFMModelType).Output(display_name="cfm_model")],
         )

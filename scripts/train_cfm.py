@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--val-images", help="held-out images for periodic validation")
     ap.add_argument("--net", type=json.loads, help="network params as JSON")
     for name in ("crop", "max_side", "noise_step", "batch", "warmup", "steps", "val_every", "val_count",
-                 "save_every", "seed", "solver_steps", "max_images"):
+                 "save_every", "seed", "solver_steps", "max_images", "decay_from"):
         ap.add_argument("--" + name.replace("_", "-"), type=int)
     for name in ("lr", "weight_decay", "ema", "grad_clip", "max_minutes", "t_mean"):
         ap.add_argument("--" + name.replace("_", "-"), type=float)

@@ -51,6 +51,7 @@ class TrainConfig:
     batch: int = 32
     lr: float = 2e-4
     warmup: int = 500
+    decay_from: int | None = None   # cosine decay of the learning rate from this step to 0 at `steps`
     weight_decay: float = 0.0
     steps: int = 20000
     ema: float = 0.999
@@ -126,7 +127,13 @@ def load_training_vae(spec: str):
 
 
 def _lr_at(step, cfg):
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    """Linear warm-up, then constant; with `decay_from`, a cosine from there down to 0 at `steps` (so a run can
+    be continued with a decay: resume it with a larger `steps` and `decay_from` at the step it stopped)."""
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    if cfg.decay_from is not None and step >= cfg.decay_from:
+        span = max(1, cfg.steps - cfg.decay_from)
+        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.decay_from) / span)))
+    return lr
 
 
 def _save_atomic(obj, path: Path):

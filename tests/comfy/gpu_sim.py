@@ -136,6 +136,9 @@ def main():
     report.update(shape=list(result.shape), finite=bool(torch.isfinite(result).all()), plan=info.get("plan"),
                   windows=sorted(report.get("windows", [])), loaded_after=bool(
                       [m for m in mm.current_loaded_models if m.model is patcher]))
+    held = cfm._prepared is not None
+    mm.unload_all_models()
+    report["prepared_dropped_on_unload"] = held and cfm._prepared is None
     print("SIM " + json.dumps(report))
 
 

@@ -30,6 +30,7 @@ def assert_loaded_whole_and_done(report, shape):
     assert report["problems"] == []          # the whole model on the device at every evaluation
     assert report["evaluations"] > 0 and report["loaded_after"]
     assert report["shape"] == shape and report["finite"]
+    assert report["prepared_dropped_on_unload"]    # compiled graphs would go with it
 
 
 def test_a_large_upscale_runs_in_windows_with_the_model_on_the_device(comfy_setup):

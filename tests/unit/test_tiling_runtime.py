@@ -225,6 +225,26 @@ def test_channels_last_gives_the_same_velocity():
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                     reason="torch.compile on the CPU needs a C compiler")
+def test_compile_keeps_a_bounded_set_of_sizes_and_warns_when_it_runs_uncompiled(caplog):
+    """Every new latent size, batch chunk or retry window is a new graph; past the bound, new sizes run eagerly
+    (same numbers), with one warning instead of torch's silent stop."""
+    from fmboost.flow.runtime import CompiledNetwork
+    net = tiny_net()
+    compiled = CompiledNetwork(net, "compile", limit=2)
+    t = torch.tensor(0.3)
+    with torch.inference_mode():
+        for size in (8, 12, 16, 20, 8):
+            x = torch.randn(1, 4, size, size)
+            torch.testing.assert_close(compiled(x, t, x), net(x, t, x), atol=1e-4, rtol=1e-3)
+    assert len(compiled.shapes) == 2 and compiled.fallbacks == 2
+    warnings = [r for r in caplog.records if "runs uncompiled" in r.getMessage()]
+    assert len(warnings) == 1 and "1×4×16×16" in warnings[0].getMessage()
+    compiled.release()
+    assert compiled.shapes == set() and compiled._compiled is None
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on the CPU needs a C compiler")
 def test_compiled_network_matches_eager():
     net = tiny_net()
     x, c, t = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16), torch.tensor(0.25)

@@ -297,3 +297,16 @@ def test_store_crops_line_up_and_every_step_sees_fresh_crops(photos, tmp_path):
     assert not torch.equal(z1, z1b)  # fresh crops each call
     with pytest.raises(ValueError, match="unknown up-sampling mode"):
         LatentStore(chunks, "bicubic")
+
+
+def test_learning_rate_warms_up_then_decays_to_zero_from_decay_from():
+    from fmboost.training.train import _lr_at
+    cfg = TrainConfig(images="", out="", run_dir="", vae="", lr=1e-3, warmup=10, steps=300)
+    assert _lr_at(0, cfg) == pytest.approx(1e-4) and _lr_at(9, cfg) == pytest.approx(1e-3)
+    assert _lr_at(299, cfg) == pytest.approx(1e-3)          # no decay unless asked for
+    cfg.decay_from = 100                                      # continue a run with a cosine decay
+    assert _lr_at(99, cfg) == _lr_at(100, cfg) == pytest.approx(1e-3)
+    assert _lr_at(200, cfg) == pytest.approx(5e-4)
+    assert _lr_at(300, cfg) == pytest.approx(0, abs=1e-12)
+    lrs = [_lr_at(s, cfg) for s in range(100, 301)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
