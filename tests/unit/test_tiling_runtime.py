@@ -217,6 +217,14 @@ def test_channels_last_gives_the_same_velocity():
     fast = prepare_network(net, torch.device("cpu"), RuntimeOptions(channels_last="on"))
     assert net.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(fast(x, t, c), expected, atol=1e-5, rtol=1e-4)
+    # attention blocks hand channels-last on to the convolutions after them
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last)))
+             for m in net.modules() if type(m).__name__ == "AttentionBlock"]
+    fast(x.contiguous(memory_format=torch.channels_last), t, c.contiguous(memory_format=torch.channels_last))
+    for h in hooks:
+        h.remove()
+    assert seen and all(seen)
     prepare_network(net, torch.device("cpu"), RuntimeOptions(channels_last="auto"))  # CPU: back to NCHW
     assert net.input_blocks[0][0].weight.is_contiguous() and not net.channels_last
     with pytest.raises(ValueError, match="compile mode"):
