@@ -64,6 +64,7 @@ class TrainConfig:
     seed: int = 0
     max_minutes: float | None = None
     max_images: int | None = None   # train on the first this many images of a fixed shuffle (whole chunks of 64)
+    store: str | None = None        # a folder of latent-store chunks made earlier: used as it is, `images` unread
 
 
 class EMA:
@@ -229,19 +230,25 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
     vae, vae_id = load_training_vae(cfg.vae)
     vae.to(device)
-    report = scan_images(cfg.images, cfg.crop)
-    if rank == 0:
-        log(f"data: {report.summary()}")
-    if not report.usable:
-        raise ValueError(f"no usable training images in {cfg.images} ({report.summary()})")
-    images = training_images(report.usable, cfg.seed)
-    cache_dir = Path(os.environ.get("FMBOOST_CACHE") or run_dir / "cache")
-    if rank == 0:
-        build_store(images, vae, vae_id, cache_dir, cfg.max_side, cfg.max_images, progress=_cache_progress(log))
-    _barrier(world)
-    # found, not rebuilt, by the other ranks
-    store = LatentStore(build_store(images, vae, vae_id, cache_dir, cfg.max_side, cfg.max_images),
-                        cfg.mode, min_size=cfg.crop // 8)
+    if cfg.store:
+        chunks = stored_chunks(cfg.store, vae_id, cfg.max_images)
+        if rank == 0:
+            log(f"data: {len(chunks)} chunks of the latent store in {cfg.store}")
+    else:
+        report = scan_images(cfg.images, cfg.crop)
+        if rank == 0:
+            log(f"data: {report.summary()}")
+        if not report.usable:
+            raise ValueError(f"no usable training images in {cfg.images} ({report.summary()})")
+        images = training_images(report.usable, cfg.seed)
+        cache_dir = Path(os.environ.get("FMBOOST_CACHE") or run_dir / "cache")
+        if rank == 0:
+            build_store(images, vae, vae_id, cache_dir, cfg.max_side, cfg.max_images,
+                        progress=_cache_progress(log))
+        _barrier(world)
+        # found, not rebuilt, by the other ranks
+        chunks = build_store(images, vae, vae_id, cache_dir, cfg.max_side, cfg.max_images)
+    store = LatentStore(chunks, cfg.mode, min_size=cfg.crop // 8)
     size = cfg.crop // 8
 
     net = CFMUNet(UNetConfig.from_dict(cfg.net)).to(device)
@@ -299,6 +306,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
         while step < cfg.steps:
             if cfg.max_minutes and time.time() - started > 60 * cfg.max_minutes:
                 log(f"time budget of {cfg.max_minutes} min reached at step {step}")
+                if validator is not None and step % cfg.val_every:  # the weights it stops with, validated
+                    last = validator.run(ema.model, step, run_dir)
+                    log(f"step {step}: val {json.dumps(last)}")
                 break
             z1, src = (t.to(device) for t in store.batch(cfg.batch, size, gen))
             for g in opt.param_groups:
@@ -342,6 +352,24 @@ def train(cfg: TrainConfig, log=print) -> dict:
         if world > 1:
             torch.distributed.destroy_process_group()
     return {"step": step, "val": last}
+
+
+def stored_chunks(folder, vae_id: str, max_images: int | None = None) -> list[Path]:
+    """The chunk files of a latent store built earlier (`build_store`), e.g. carried to a GPU machine without
+    the photos: checked to come from the same VAE; the first `max_images` worth of them when given."""
+    from safetensors import safe_open
+    from .data import STORE_CHUNK
+    chunks = sorted(Path(folder).glob("chunk-*.safetensors"))
+    if not chunks:
+        raise ValueError(f"no latent-store chunks (chunk-*.safetensors) in {folder}")
+    if max_images:
+        chunks = chunks[:max(1, -(-max_images // STORE_CHUNK))]
+    for path in chunks:
+        with safe_open(str(path), "pt") as f:
+            made_by = (f.metadata() or {}).get("vae")
+        if made_by != vae_id:
+            raise ValueError(f"{path.name} was encoded with {made_by!r}, not this run's VAE {vae_id!r}")
+    return chunks
 
 
 def training_images(usable: list, seed: int) -> list:

@@ -310,3 +310,22 @@ def test_learning_rate_warms_up_then_decays_to_zero_from_decay_from():
     assert _lr_at(300, cfg) == pytest.approx(0, abs=1e-12)
     lrs = [_lr_at(s, cfg) for s in range(100, 301)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_a_carried_store_trains_without_the_photos_and_must_come_from_the_same_vae(photos, tmp_path):
+    """What a lent GPU gets (scripts/gpu_pack.sh): the chunks of a store built here, no training photos."""
+    train(config(photos, tmp_path / "first", steps=1, val_images=None))
+    carried = tmp_path / "carried"
+    carried.mkdir()
+    for chunk in (tmp_path / "first" / "run" / "cache").glob("store-*/chunk-*.safetensors"):
+        shutil.copy(chunk, carried)
+    logs = []
+    result = train(config(photos, tmp_path / "gpu", images=str(tmp_path / "no-photos-here"), store=str(carried),
+                          steps=2, val_images=None), log=logs.append)
+    assert result["step"] == 2 and any("1 chunks of the latent store" in l for l in logs)
+    chunk = next(carried.glob("chunk-*"))
+    save_file(load_file(chunk), chunk, metadata={"vae": "taesd:another", "max_side": "192"})
+    with pytest.raises(ValueError, match="taesd:another"):
+        train(config(photos, tmp_path / "gpu2", store=str(carried), steps=1, val_images=None))
+    with pytest.raises(ValueError, match="no latent-store chunks"):
+        train(config(photos, tmp_path / "gpu3", store=str(tmp_path / "empty"), steps=1, val_images=None))
