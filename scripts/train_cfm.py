@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vae", help="TAESD folder (taesd_encoder/decoder.safetensors) or an SD1.x VAE")
     ap.add_argument("--init", help="warm start from this FMBoost .safetensors (same network)")
     ap.add_argument("--val-images", help="held-out images for periodic validation")
+    ap.add_argument("--store", help="a folder of latent-store chunks made by an earlier run (e.g. carried to a GPU "
+                                    "machine): used as it is, without the training images")
     ap.add_argument("--net", type=json.loads, help="network params as JSON")
     for name in ("crop", "max_side", "noise_step", "batch", "warmup", "steps", "val_every", "val_count",
                  "save_every", "seed", "solver_steps", "max_images", "decay_from"):
