@@ -2,7 +2,7 @@
 """Which precision `auto` should pick on this device: the shipped model at the node's defaults (network and the
 pack's TAESD source in that precision, the ODE state in fp32) in fp32 and in bf16, on held-out photos.
 
-    .venv/bin/python bench/precision.py --val ../shared/data/photos/val [--images 16] [--sizes 256,512]  (output long sides)
+    .venv/bin/python bench/precision.py --val ../shared/data/photos/val [--images 16] [--sizes 128,256]
 
 For each size: seconds per image, luma PSNR/SSIM/detail/colour error against the ground truth (decoded with an
 fp32 TAESD, as bench/quality.py), and the PSNR between the bf16 and the fp32 image. Writes the *CPU precision*
@@ -57,7 +57,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(REPO / "weights" / "cfm" / "fmboost-sd15-x2.safetensors"))
     ap.add_argument("--val", required=True)
-    ap.add_argument("--sizes", default="256,512")
+    ap.add_argument("--sizes", default="128,256", help="low-res long sides in pixels (2× each)")
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--results", default=str(REPO / "bench" / "RESULTS.md"))
@@ -76,11 +76,11 @@ def main(argv=None):
              "| size (long side) | precision | s/image | PSNR dB | SSIM | detail | colour error | "
              "PSNR vs the fp32 image (mean / min) |", "|---|---|---|---|---|---|---|---|"]
     for size in (int(s) for s in args.sizes.split(",")):
-        paths = scan_images(args.val, size).usable[: args.images]
+        paths = scan_images(args.val, 2 * size).usable[: args.images]
         scores = {d: [] for d in dtypes}
         same = []
         for path in paths:
-            truth = centre_crop(load_rgb(path), size)[None]
+            truth = centre_crop(load_rgb(path), 2 * size)[None]
             images = {}
             for d in dtypes:
                 img, sec = measure(ck, truth, d)
@@ -92,7 +92,7 @@ def main(argv=None):
         for d in dtypes:
             m = torch.tensor(scores[d]).mean(0).tolist()
             vs = "–" if d == torch.float32 else f"{sum(same) / len(same):.1f} / {min(same):.1f}"
-            lines.append(f"| {size // 2} → {size} | {str(d).split('.')[-1]} | {m[0]:.2f} | {m[1]:.3f} | "
+            lines.append(f"| {size} → {2 * size} | {str(d).split('.')[-1]} | {m[0]:.2f} | {m[1]:.3f} | "
                          f"{m[2]:.4f} | {m[3]:.3f} | {m[4]:.2f} | {vs} |")
     text = "\n".join(lines) + "\n"
     replace_section(Path(args.results), "## CPU precision", text)
