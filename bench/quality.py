@@ -281,9 +281,12 @@ def markdown(results, args, model_info, n_images):
                 "processes side by side, one per core), so compare times within a table, not across machines"]
                if args.records else []),
              ""]
-    lines += ["Image grids: `bench/quality_grid_256.jpg`, `bench/quality_grid_512.jpg` (columns: low-res, latent "
-              "bilinear, city96, regression baseline when measured, CFM at the node defaults, ground truth). Reading: `weights/cfm/MODEL_CARD.md` (Measured quality).",
-              ""]
+    lines += [("Image grids: `bench/quality_grid_256.jpg`, `bench/quality_grid_512.jpg` (columns: low-res, latent "
+               "bilinear, city96, regression baseline when measured, CFM at the node defaults, ground truth). "
+               if args.grid_images else
+               "Images: this run measured only some rows (`--only`), so it made no grids; `bench/crops.py` writes "
+               "`bench/quality_crops_256.jpg` and `_512.jpg` (bicubic | latent bilinear | CFM at the node "
+               "defaults | ground truth). ") + "Reading: `weights/cfm/MODEL_CARD.md` (Measured quality).", ""]
     for size, mean in results.items():
         lines += [f"### {size}", "", "| method | PSNR dB | SSIM | JOD | detail | colour error | s/image |",
                   "|---|---|---|---|---|---|---|"]
