@@ -37,12 +37,9 @@ from quality import centre_crop, replace_section  # noqa: E402
 from speed import cpu_name  # noqa: E402
 
 
-def measure(ck, truth: torch.Tensor, dtype) -> tuple[torch.Tensor, float]:
-    """(1, 3, H, W) truth → the image at the node defaults in `dtype`, and the seconds it took (best of 2)."""
-    ref = TAESD.from_folder(REPO / "weights" / "taesd")
-    vae = TAESD.from_folder(REPO / "weights" / "taesd").set_precision(dtype)
-    net = ck.build_network(dtype)
-    settings = resolve(ck.method, size_multiple=ck.net_config.size_multiple, have_vae=True).settings
+def measure(net, vae, ref, settings, truth: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(1, 3, H, W) truth → the image at the node defaults with `net` and the source `vae` (one precision),
+    decoded by the fp32 `ref`, and the seconds the upscale took (best of 2)."""
     with torch.inference_mode():
         low = ref.encode(downscale2(truth))
         times = []
@@ -66,6 +63,9 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     ck = load_checkpoint(args.model)
     dtypes = (torch.float32, torch.bfloat16)
+    settings = resolve(ck.method, size_multiple=ck.net_config.size_multiple, have_vae=True).settings
+    ref = TAESD.from_folder(REPO / "weights" / "taesd")
+    runs = {d: (ck.build_network(d), TAESD.from_folder(REPO / "weights" / "taesd").set_precision(d)) for d in dtypes}
     lines = [f"## CPU precision ({datetime.date.today().isoformat()})", "",
              f"- machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}, "
              f"Python {platform.python_version()}; `auto` picks {str(cpu_dtype()).split('.')[-1]} here "
@@ -83,7 +83,7 @@ def main(argv=None):
             truth = centre_crop(load_rgb(path), 2 * size)[None]
             images = {}
             for d in dtypes:
-                img, sec = measure(ck, truth, d)
+                img, sec = measure(*runs[d], ref, settings, truth)
                 images[d] = img
                 scores[d].append((sec, metrics.psnr(img, truth).item(), metrics.ssim(img, truth).item(),
                                   metrics.detail_ratio(img, truth).item(), metrics.colour_error(img, truth).item()))

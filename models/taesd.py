@@ -78,7 +78,6 @@ class TAESD(nn.Module):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         return self.to(dtype=dtype, memory_format=self.memory_format)
 
-
     def _run(self, net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         return net(x.to(self.dtype).contiguous(memory_format=self.memory_format)).float()
 

@@ -119,7 +119,7 @@ class CFMModel:
         device = self.patcher.load_device
         side = round_down(tile, self.net_config.size_multiple) if tile else self.min_tile
         least = per_pixel * min(side, height) * min(side, width)
-        whole = per_pixel * (min(side, height) * min(side, width) if tile else height * width) * batch
+        whole = (least if tile else per_pixel * height * width) * batch
         mm.load_models_gpu([self.patcher], memory_required=least, force_full_load=True)
         if whole > least and device != torch.device("cpu"):
             mm.free_memory(whole + mm.extra_reserved_memory(), device,

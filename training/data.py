@@ -142,6 +142,23 @@ def build_store(images: list[Path], vae, vae_id: str, cache_dir: str | os.PathLi
     return paths
 
 
+def stored_chunks(folder, vae_id: str, max_images: int | None = None) -> list[Path]:
+    """The chunk files of a latent store built earlier (`build_store`), e.g. carried to a GPU machine without
+    the photos: checked to come from the same VAE; the first `max_images` worth of them when given."""
+    from safetensors import safe_open
+    chunks = sorted(Path(folder).glob("chunk-*.safetensors"))
+    if not chunks:
+        raise ValueError(f"no latent-store chunks (chunk-*.safetensors) in {folder}")
+    if max_images:
+        chunks = chunks[:max(1, -(-max_images // STORE_CHUNK))]
+    for path in chunks:
+        with safe_open(str(path), "pt") as f:
+            made_by = (f.metadata() or {}).get("vae")
+        if made_by != vae_id:
+            raise ValueError(f"{path.name} was encoded with {made_by!r}, not this run's VAE {vae_id!r}")
+    return chunks
+
+
 class LatentStore:
     """Random latent crops of the stored images: `size`² target latents, their (size/2)² low-res latents and
     the source, taken at even latent offsets so that the low-res crop lines up exactly, randomly flipped."""

@@ -26,7 +26,7 @@ from ..flow.settings import resolve
 from ..models import MethodSettings, UNetConfig, save_checkpoint
 from ..models.unet import CFMUNet
 from . import metrics
-from .data import LatentStore, build_store, load_rgb, scan_images
+from .data import LatentStore, build_store, load_rgb, scan_images, stored_chunks
 
 
 @dataclass
@@ -352,24 +352,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
         if world > 1:
             torch.distributed.destroy_process_group()
     return {"step": step, "val": last}
-
-
-def stored_chunks(folder, vae_id: str, max_images: int | None = None) -> list[Path]:
-    """The chunk files of a latent store built earlier (`build_store`), e.g. carried to a GPU machine without
-    the photos: checked to come from the same VAE; the first `max_images` worth of them when given."""
-    from safetensors import safe_open
-    from .data import STORE_CHUNK
-    chunks = sorted(Path(folder).glob("chunk-*.safetensors"))
-    if not chunks:
-        raise ValueError(f"no latent-store chunks (chunk-*.safetensors) in {folder}")
-    if max_images:
-        chunks = chunks[:max(1, -(-max_images // STORE_CHUNK))]
-    for path in chunks:
-        with safe_open(str(path), "pt") as f:
-            made_by = (f.metadata() or {}).get("vae")
-        if made_by != vae_id:
-            raise ValueError(f"{path.name} was encoded with {made_by!r}, not this run's VAE {vae_id!r}")
-    return chunks
 
 
 def training_images(usable: list, seed: int) -> list:
