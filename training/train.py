@@ -48,6 +48,9 @@ class TrainConfig:
     solver_steps: int = 4
     init: str | None = None         # warm start: an FMBoost .safetensors with the same network
     objective: str = "cfm"          # cfm | regression
+    pixel_loss: float = 0.0         # weight of an MSE in pixels ([0, 1]) through the training VAE's decoder, on
+    pixel_items: int = 8            # this many items of each batch, a random `pixel_crop`² latent window of each,
+    pixel_crop: int = 16            # between the decoded prediction of x1 and the decoded target
     batch: int = 32
     lr: float = 2e-4
     warmup: int = 500
@@ -154,6 +157,8 @@ def _method(cfg: TrainConfig) -> MethodSettings:
 def export(cfg: TrainConfig, ema_net, step: int, extra: dict | None = None):
     info = {"objective": cfg.objective, "steps": step, "crop": cfg.crop, "batch": cfg.batch, "lr": cfg.lr,
             "data": os.path.basename(os.path.normpath(cfg.images))}
+    if cfg.pixel_loss:
+        info |= {"pixel_loss": cfg.pixel_loss, "pixel_items": cfg.pixel_items, "pixel_crop": cfg.pixel_crop}
     # Written beside and renamed into place, so a model folder never holds a half-written file.
     tmp = Path(cfg.out).with_name(Path(cfg.out).name + ".partial")
     save_checkpoint(tmp, ema_net.state_dict(), ema_net.config, _method(cfg), dtype=torch.float16,
@@ -319,11 +324,18 @@ def train(cfg: TrainConfig, log=print) -> dict:
                     x0 = q_sample(src, cfg.noise_step, torch.randn(z1.shape, generator=gen).to(device))
                     t = sample_t(cfg, z1.shape[0], gen).to(device)
                     tb = t[:, None, None, None]
-                    pred = model(tb * z1 + (1 - tb) * x0, t, src)
+                    xt = tb * z1 + (1 - tb) * x0
+                    pred = model(xt, t, src)
                     loss = F.mse_loss(pred.float(), z1 - x0)
+                    if cfg.pixel_loss:
+                        loss = loss + cfg.pixel_loss * pixel_mse(vae, xt + (1 - tb) * pred.float(), z1,
+                                                                 cfg.pixel_items, cfg.pixel_crop, gen)
                 else:
                     pred = model(src, torch.zeros(z1.shape[0], device=device), src)
                     loss = F.mse_loss(pred.float(), z1)
+                    if cfg.pixel_loss:
+                        loss = loss + cfg.pixel_loss * pixel_mse(vae, pred.float(), z1, cfg.pixel_items,
+                                                                 cfg.pixel_crop, gen)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -352,6 +364,25 @@ def train(cfg: TrainConfig, log=print) -> dict:
         if world > 1:
             torch.distributed.destroy_process_group()
     return {"step": step, "val": last}
+
+
+def pixel_mse(vae, z1_pred: torch.Tensor, z1: torch.Tensor, items: int, crop: int,
+              gen: torch.Generator) -> torch.Tensor:
+    """MSE between the decoded prediction and the decoded target (pixels in [0, 1]) on the first `items` items,
+    each in its own random `crop`² latent window. Latent-space MSE alone is blind to what the decoder does with
+    an averaged latent: it decodes with a colour cast (brighter reds and greens with TAESD), which this sees."""
+    n = min(items, z1.shape[0])
+    h, w = z1.shape[-2:]
+    crop = min(crop, h, w)
+    ys = torch.randint(h - crop + 1, (n,), generator=gen).tolist()
+    xs = torch.randint(w - crop + 1, (n,), generator=gen).tolist()
+
+    def windows(z):
+        return torch.stack([z[i, :, y:y + crop, x:x + crop] for i, (y, x) in enumerate(zip(ys, xs))])
+    s = vae.scale_factor
+    with torch.no_grad():
+        target = vae.decode(windows(z1) / s).float()
+    return F.mse_loss(vae.decode(windows(z1_pred) / s).float(), target)
 
 
 def training_images(usable: list, seed: int) -> list:

@@ -330,3 +330,40 @@ def test_a_carried_store_trains_without_the_photos_and_must_come_from_the_same_v
         train(config(photos, tmp_path / "gpu2", store=str(carried), steps=1, val_images=None))
     with pytest.raises(ValueError, match="no latent-store chunks"):
         train(config(photos, tmp_path / "gpu3", store=str(tmp_path / "empty"), steps=1, val_images=None))
+
+
+def test_pixel_loss_compares_the_same_decoded_windows_and_trains_only_the_prediction():
+    from fmboost.training.train import pixel_mse
+    vae = TAESD.from_folder(TAESD_DIR)
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(3, 4, 12, 10, generator=g)
+    assert pixel_mse(vae, z1.clone(), z1, 2, 8, torch.Generator().manual_seed(5)).item() == 0
+    # a prediction that is right in the windows picked and wrong outside them costs nothing: both sides are
+    # decoded from the same windows
+    gen = torch.Generator().manual_seed(5)
+    ys = torch.randint(12 - 8 + 1, (2,), generator=gen).tolist()
+    xs = torch.randint(10 - 8 + 1, (2,), generator=gen).tolist()
+    wrong = z1 + 1.0
+    for i, (y, x) in enumerate(zip(ys, xs)):
+        wrong[i, :, y:y + 8, x:x + 8] = z1[i, :, y:y + 8, x:x + 8]
+    wrong[2] += 5.0   # the third item is not among the 2 items compared
+    assert pixel_mse(vae, wrong, z1, 2, 8, torch.Generator().manual_seed(5)).item() == 0
+    # a colour shift in latent space is seen, and its gradient reaches the prediction, not the decoder
+    shift = torch.tensor([0.5, -0.5, 0.3, 0.0])[None, :, None, None]
+    pred = (z1 + shift).requires_grad_(True)
+    loss = pixel_mse(vae, pred, z1, 3, 8, torch.Generator().manual_seed(5))
+    assert loss.item() > 1e-3
+    loss.backward()
+    assert pred.grad.abs().sum() > 0
+    assert all(p.grad is None for p in vae.parameters())
+    with torch.no_grad():
+        stepped = pred - 0.5 * pred.grad / pred.grad.abs().max()
+    assert pixel_mse(vae, stepped, z1, 3, 8, torch.Generator().manual_seed(5)).item() < loss.item()
+
+
+def test_training_with_the_pixel_loss_records_it(photos, tmp_path):
+    out = train(config(photos, tmp_path, pixel_loss=20.0, pixel_items=2, pixel_crop=4))
+    assert out["step"] == 4
+    meta = __import__("safetensors").safe_open(str(tmp_path / "model.safetensors"), "pt").metadata()
+    training = json.loads(meta["fmboost.training"])
+    assert (training["pixel_loss"], training["pixel_items"], training["pixel_crop"]) == (20.0, 2, 4)
