@@ -30,7 +30,8 @@ def main(argv=None) -> int:
                                     "machine): used as it is, without the training images")
     ap.add_argument("--net", type=json.loads, help="network params as JSON")
     for name in ("crop", "max_side", "noise_step", "batch", "warmup", "steps", "val_every", "val_count",
-                 "save_every", "seed", "solver_steps", "max_images", "decay_from", "pixel_items", "pixel_crop"):
+                 "save_every", "seed", "solver_steps", "max_images", "decay_from", "pixel_items", "pixel_crop",
+                 "pixel_lowpass"):
         ap.add_argument("--" + name.replace("_", "-"), type=int)
     for name in ("lr", "weight_decay", "ema", "grad_clip", "max_minutes", "t_mean", "pixel_loss"):
         ap.add_argument("--" + name.replace("_", "-"), type=float)

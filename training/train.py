@@ -50,7 +50,8 @@ class TrainConfig:
     objective: str = "cfm"          # cfm | regression
     pixel_loss: float = 0.0         # weight of an MSE in pixels ([0, 1]) through the training VAE's decoder, on
     pixel_items: int = 8            # this many items of each batch, a random `pixel_crop`² latent window of each,
-    pixel_crop: int = 16            # between the decoded prediction of x1 and the decoded target
+    pixel_crop: int = 16            # between the decoded prediction of x1 and the decoded target,
+    pixel_lowpass: int = 1          # both averaged over blocks of this many pixels first (1: every pixel)
     batch: int = 32
     lr: float = 2e-4
     warmup: int = 500
@@ -158,7 +159,8 @@ def export(cfg: TrainConfig, ema_net, step: int, extra: dict | None = None):
     info = {"objective": cfg.objective, "steps": step, "crop": cfg.crop, "batch": cfg.batch, "lr": cfg.lr,
             "data": os.path.basename(os.path.normpath(cfg.images))}
     if cfg.pixel_loss:
-        info |= {"pixel_loss": cfg.pixel_loss, "pixel_items": cfg.pixel_items, "pixel_crop": cfg.pixel_crop}
+        info |= {"pixel_loss": cfg.pixel_loss, "pixel_items": cfg.pixel_items, "pixel_crop": cfg.pixel_crop,
+                 "pixel_lowpass": cfg.pixel_lowpass}
     # Written beside and renamed into place, so a model folder never holds a half-written file.
     tmp = Path(cfg.out).with_name(Path(cfg.out).name + ".partial")
     save_checkpoint(tmp, ema_net.state_dict(), ema_net.config, _method(cfg), dtype=torch.float16,
@@ -329,13 +331,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
                     loss = F.mse_loss(pred.float(), z1 - x0)
                     if cfg.pixel_loss:
                         loss = loss + cfg.pixel_loss * pixel_mse(vae, xt + (1 - tb) * pred.float(), z1,
-                                                                 cfg.pixel_items, cfg.pixel_crop, gen)
+                                                                 cfg.pixel_items, cfg.pixel_crop, gen,
+                                                                 cfg.pixel_lowpass)
                 else:
                     pred = model(src, torch.zeros(z1.shape[0], device=device), src)
                     loss = F.mse_loss(pred.float(), z1)
                     if cfg.pixel_loss:
                         loss = loss + cfg.pixel_loss * pixel_mse(vae, pred.float(), z1, cfg.pixel_items,
-                                                                 cfg.pixel_crop, gen)
+                                                                 cfg.pixel_crop, gen, cfg.pixel_lowpass)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -367,10 +370,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
 
 def pixel_mse(vae, z1_pred: torch.Tensor, z1: torch.Tensor, items: int, crop: int,
-              gen: torch.Generator) -> torch.Tensor:
+              gen: torch.Generator, lowpass: int = 1) -> torch.Tensor:
     """MSE between the decoded prediction and the decoded target (pixels in [0, 1]) on the first `items` items,
-    each in its own random `crop`² latent window. Latent-space MSE alone is blind to what the decoder does with
-    an averaged latent: it decodes with a colour cast (brighter reds and greens with TAESD), which this sees."""
+    each in its own random `crop`² latent window, both averaged over `lowpass`² pixel blocks first (1: none; a
+    larger block leaves texture to the flow loss and holds colour and shading). Latent-space MSE alone is blind
+    to what the decoder does with an averaged latent: it decodes with a colour cast (brighter reds and greens
+    with TAESD), which this sees."""
     n = min(items, z1.shape[0])
     h, w = z1.shape[-2:]
     crop = min(crop, h, w)
@@ -379,10 +384,12 @@ def pixel_mse(vae, z1_pred: torch.Tensor, z1: torch.Tensor, items: int, crop: in
 
     def windows(z):
         return torch.stack([z[i, :, y:y + crop, x:x + crop] for i, (y, x) in enumerate(zip(ys, xs))])
-    s = vae.scale_factor
+    def decoded(z):
+        px = vae.decode(windows(z) / vae.scale_factor).float()
+        return F.avg_pool2d(px, lowpass) if lowpass > 1 else px
     with torch.no_grad():
-        target = vae.decode(windows(z1) / s).float()
-    return F.mse_loss(vae.decode(windows(z1_pred) / s).float(), target)
+        target = decoded(z1)
+    return F.mse_loss(decoded(z1_pred), target)
 
 
 def training_images(usable: list, seed: int) -> list:

@@ -359,11 +359,22 @@ def test_pixel_loss_compares_the_same_decoded_windows_and_trains_only_the_predic
     with torch.no_grad():
         stepped = pred - 0.5 * pred.grad / pred.grad.abs().max()
     assert pixel_mse(vae, stepped, z1, 3, 8, torch.Generator().manual_seed(5)).item() < loss.item()
+    # lowpass: both decoded windows averaged over 4² pixel blocks before the MSE
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(5)
+        ys = torch.randint(12 - 8 + 1, (3,), generator=gen).tolist()
+        xs = torch.randint(10 - 8 + 1, (3,), generator=gen).tolist()
+        dec = [torch.nn.functional.avg_pool2d(
+            vae.decode(torch.stack([z[i, :, y:y + 8, x:x + 8] for i, (y, x) in enumerate(zip(ys, xs))])
+                       / vae.scale_factor), 4) for z in (pred, z1)]
+        expected = torch.nn.functional.mse_loss(*dec).item()
+        got = pixel_mse(vae, pred, z1, 3, 8, torch.Generator().manual_seed(5), lowpass=4).item()
+    assert got == pytest.approx(expected, rel=1e-5) and got < loss.item()
 
 
 def test_training_with_the_pixel_loss_records_it(photos, tmp_path):
-    out = train(config(photos, tmp_path, pixel_loss=20.0, pixel_items=2, pixel_crop=4))
+    out = train(config(photos, tmp_path, pixel_loss=20.0, pixel_items=2, pixel_crop=4, pixel_lowpass=2))
     assert out["step"] == 4
     meta = __import__("safetensors").safe_open(str(tmp_path / "model.safetensors"), "pt").metadata()
     training = json.loads(meta["fmboost.training"])
-    assert (training["pixel_loss"], training["pixel_items"], training["pixel_crop"]) == (20.0, 2, 4)
+    assert [training[k] for k in ("pixel_loss", "pixel_items", "pixel_crop", "pixel_lowpass")] == [20.0, 2, 4, 2]
