@@ -378,3 +378,15 @@ def test_training_with_the_pixel_loss_records_it(photos, tmp_path):
     meta = __import__("safetensors").safe_open(str(tmp_path / "model.safetensors"), "pt").metadata()
     training = json.loads(meta["fmboost.training"])
     assert [training[k] for k in ("pixel_loss", "pixel_items", "pixel_crop", "pixel_lowpass")] == [20.0, 2, 4, 2]
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "training" / "recipes").glob("*.json")), ids=lambda p: p.stem)
+def test_every_recipe_is_a_valid_training_config(recipe):
+    """A recipe is data for scripts/train_cfm.py: every key a TrainConfig field, its files in the repository."""
+    settings = json.loads(recipe.read_text())
+    assert settings.pop("comment", "").strip(), "a recipe says what it is for"
+    cfg = TrainConfig(**settings, out="model.safetensors", run_dir="run")
+    assert (REPO / cfg.vae).is_dir()
+    assert cfg.init is None or (REPO / cfg.init).is_file()
+    assert cfg.crop % 16 == 0 and cfg.mode in ("pixel", "latent")
+    assert cfg.decay_from is None or cfg.decay_from < cfg.steps
