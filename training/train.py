@@ -157,7 +157,7 @@ def _method(cfg: TrainConfig) -> MethodSettings:
 
 def export(cfg: TrainConfig, ema_net, step: int, extra: dict | None = None):
     info = {"objective": cfg.objective, "steps": step, "crop": cfg.crop, "batch": cfg.batch, "lr": cfg.lr,
-            "data": os.path.basename(os.path.normpath(cfg.images))}
+            "noise_step": cfg.noise_step, "data": os.path.basename(os.path.normpath(cfg.images))}
     if cfg.pixel_loss:
         info |= {"pixel_loss": cfg.pixel_loss, "pixel_items": cfg.pixel_items, "pixel_crop": cfg.pixel_crop,
                  "pixel_lowpass": cfg.pixel_lowpass}

@@ -192,3 +192,42 @@ def test_lightning_ckpt_reads_hyperparameters(fixtures_dir):
                                        low_res=64, high_res=128)
     assert ck.net_config.num_heads == 2 and ck.net_config.dim_head == 16
     assert zipfile.is_zipfile(fixtures_dir / "small_checkpoint_lightning.ckpt")
+
+
+def test_set_model_defaults_command_rewrites_only_the_recommended_settings(tmp_path):
+    """scripts/set_model_defaults.py: the node defaults a model carries, chosen after training; weights and
+    the training record stay, the trained noise step is remembered, bad values leave the file untouched."""
+    import subprocess
+    import sys
+    from safetensors import safe_open
+    from fmboost.flow.settings import MODEL_NOISE_STEP, resolve
+    from support import REPO
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, tiny_net().state_dict(), TINY, MethodSettings(noise_step=250, solver_steps=2),
+                    extra={"training": json.dumps({"steps": 7})})
+    before = load_checkpoint(path)
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(REPO / "scripts" / "set_model_defaults.py"), str(path), *args],
+                              capture_output=True, text=True, timeout=120)
+    proc = run("--noise-step", "275", "--solver", "midpoint", "--solver-steps", "3")
+    assert proc.returncode == 0, proc.stderr
+    after = load_checkpoint(path)
+    assert (after.method.noise_step, after.method.solver, after.method.solver_steps) == (275, "midpoint", 3)
+    assert after.method.upsampling_mode == before.method.upsampling_mode and after.net_config == before.net_config
+    for k, v in before.state_dict.items():
+        assert torch.equal(after.state_dict[k], v), k
+    with safe_open(str(path), "pt") as f:
+        assert json.loads(f.metadata()["fmboost.training"]) == {"steps": 7, "noise_step": 250}
+    settings = resolve(after.method, noise_step=MODEL_NOISE_STEP, have_vae=True).settings
+    assert settings.noise_step == 275 and settings.solver.method == "midpoint" and settings.solver.steps == 3
+    size = path.stat().st_size
+    for bad in (["--noise-step", "1200"], ["--solver", "leapfrog"], ["--solver-steps", "0"]):
+        proc = run(*bad)
+        assert proc.returncode == 2 and "error:" in proc.stderr, bad
+    assert load_checkpoint(path).method == after.method and path.stat().st_size == size
+    save_file({"w": torch.zeros(2)}, tmp_path / "plain.safetensors")
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "set_model_defaults.py"),
+                           str(tmp_path / "plain.safetensors"), "--noise-step", "100"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not an FMBoost model" in proc.stderr
