@@ -236,7 +236,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     torch.manual_seed(cfg.seed + rank)
 
     vae, vae_id = load_training_vae(cfg.vae)
-    vae.to(device)
+    vae.to(device)  # loaded frozen (requires_grad False): the pixel loss differentiates through it, not into it
     if cfg.store:
         chunks = stored_chunks(cfg.store, vae_id, cfg.max_images)
         if rank == 0:
@@ -384,6 +384,7 @@ def pixel_mse(vae, z1_pred: torch.Tensor, z1: torch.Tensor, items: int, crop: in
 
     def windows(z):
         return torch.stack([z[i, :, y:y + crop, x:x + crop] for i, (y, x) in enumerate(zip(ys, xs))])
+
     def decoded(z):
         px = vae.decode(windows(z) / vae.scale_factor).float()
         return F.avg_pool2d(px, lowpass) if lowpass > 1 else px
