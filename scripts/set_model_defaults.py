@@ -24,6 +24,7 @@ def set_defaults(path: str | os.PathLike, **changes) -> dict:
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
     from fmboost.models.checkpoint import FORMAT_TAG, MethodSettings
+    from fmboost.flow.schedule import check_step
     from fmboost.flow.solvers import SolverSettings
     path = Path(path)
     with safe_open(str(path), "pt") as f:
@@ -32,8 +33,7 @@ def set_defaults(path: str | os.PathLike, **changes) -> dict:
         raise ValueError(f"{path.name}: not an FMBoost model (no fmboost metadata)")
     method = MethodSettings.from_dict(json.loads(meta["fmboost.method"]))
     new = replace(method, **{k: v for k, v in changes.items() if v is not None})
-    if not 0 <= new.noise_step <= 999:
-        raise ValueError(f"noise step {new.noise_step} is outside 0–999")
+    check_step(new.noise_step)  # refuses a step outside the schedule
     SolverSettings(new.solver, steps=new.solver_steps)  # refuses an unknown solver or a bad step count
     training = json.loads(meta.get("fmboost.training", "{}"))
     training.setdefault("noise_step", method.noise_step)
