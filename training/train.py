@@ -329,16 +329,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
                     xt = tb * z1 + (1 - tb) * x0
                     pred = model(xt, t, src)
                     loss = F.mse_loss(pred.float(), z1 - x0)
-                    if cfg.pixel_loss:
-                        loss = loss + cfg.pixel_loss * pixel_mse(vae, xt + (1 - tb) * pred.float(), z1,
-                                                                 cfg.pixel_items, cfg.pixel_crop, gen,
-                                                                 cfg.pixel_lowpass)
+                    x1_pred = xt + (1 - tb) * pred.float()
                 else:
                     pred = model(src, torch.zeros(z1.shape[0], device=device), src)
                     loss = F.mse_loss(pred.float(), z1)
-                    if cfg.pixel_loss:
-                        loss = loss + cfg.pixel_loss * pixel_mse(vae, pred.float(), z1, cfg.pixel_items,
-                                                                 cfg.pixel_crop, gen, cfg.pixel_lowpass)
+                    x1_pred = pred.float()
+                if cfg.pixel_loss:
+                    loss = loss + cfg.pixel_loss * pixel_mse(vae, x1_pred, z1, cfg.pixel_items, cfg.pixel_crop,
+                                                             gen, cfg.pixel_lowpass)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
