@@ -119,7 +119,8 @@ def methods(args, source_vae, cfm, cfm_ck, city96, regression):
         reg_net, reg_ck = regression
 
         def regress(z):
-            src = make_source(z * s, reg_ck.method.upsampling_mode, s, source_vae)
+            src = make_source(z * s, reg_ck.method.upsampling_mode, s, source_vae,
+                              back_projection=reg_ck.method.back_projection)
             return reg_net(src, torch.zeros(()), src) / s
         out["(e) regression baseline"] = regress
     default_step = cfm_ck.method.noise_step

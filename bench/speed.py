@@ -294,7 +294,8 @@ def node_defaults(args) -> str:
             net = ck.build_network(dtype).to(device)
             r = resolve(ck.method, size_multiple=ck.net_config.size_multiple)
             solver = r.settings.solver
-            rows[(f"{path.name}, node defaults ({r.settings.mode} source, {solver.method} {solver.steps}, "
+            bp = f", back-projected {r.settings.back_projection:g}" if r.settings.back_projection else ""
+            rows[(f"{path.name}, node defaults ({r.settings.mode} source{bp}, {solver.method} {solver.steps}, "
                   f"k={r.settings.noise_step})", name(dtype))] = best(
                 lambda: upscale(net, latent, r.settings, vae=taesd, device=device))
     base = rows[(source, name(torch.float32))]

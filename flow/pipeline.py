@@ -49,6 +49,7 @@ class UpscaleSettings:
     seed: int = 0
     solver: SolverSettings = SolverSettings()
     size_multiple: int = 1
+    back_projection: float = 0.0   # pixel mode: `source.back_project` strength, from the model
 
 
 def item_noise(shape: Sequence[int], seed: int, batch_index: Sequence[int]) -> torch.Tensor:
@@ -96,7 +97,7 @@ def build_source(latent: torch.Tensor, settings: UpscaleSettings, vae: Optional[
     otherwise unload the network in the middle of an upscale."""
     device = torch.device(device) if device is not None else latent.device
     z = latent.to(device, torch.float32) * settings.scale_factor
-    return make_source(z, settings.mode, settings.scale_factor, vae)
+    return make_source(z, settings.mode, settings.scale_factor, vae, back_projection=settings.back_projection)
 
 
 def upscale(network: Network, latent: torch.Tensor, settings: UpscaleSettings, *,

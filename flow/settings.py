@@ -58,5 +58,5 @@ def resolve(method, *, size_multiple: int = 1, upsampling: str = AUTO, noise_ste
     step = method.noise_step if noise_step == MODEL_NOISE_STEP else int(noise_step)
     settings = UpscaleSettings(scale_factor=method.scale_factor, mode=mode,
                                noise_step=step, seed=seed, solver=solver or default_solver(method),
-                               size_multiple=size_multiple)
+                               size_multiple=size_multiple, back_projection=method.back_projection)
     return Resolved(settings, mismatch, builtin_vae)

@@ -1,7 +1,8 @@
 """Building the ODE's source: the low-res latent brought to the high-res grid.
 
 - latent mode: bilinear ×2 of the (scaled) latent;
-- pixel mode: decode → bilinear ×2 in pixels → encode (posterior mode), as the authors' "psu".
+- pixel mode: decode → bilinear ×2 in pixels → encode (posterior mode), as the authors' "psu"; optionally with
+  a back-projection step before the encode (`back_project`), so that the source decodes closer to those pixels.
 """
 from __future__ import annotations
 
@@ -28,9 +29,23 @@ def bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+def back_project(vae: PixelVAE, pixels: torch.Tensor, strength: float) -> torch.Tensor:
+    """Pixels x → pixels whose encoding decodes closer to x: one back-projection step,
+    clamp(x + strength · (x − decode(encode(x))), 0, 1); strength 0 gives x back. A VAE's round trip does not give
+    back a smooth image: the TAESD encoder brightens its reds and greens (about +4 of 255) and softens it. On
+    the pixel-mode sources of held-out crops, strength 0.75 brings the round trip from 31.4 to 33.3 dB of the
+    pixels it was given and its colour error from 2.5 to 0.8 (1.0 overshoots: 31.9 dB). It costs one encode and
+    one decode at full size."""
+    if not strength:
+        return pixels
+    round_trip = vae.decode(vae.encode(pixels)).to(pixels.device, pixels.dtype)
+    return (pixels + strength * (pixels - round_trip)).clamp(0, 1)
+
+
 def make_source(z_scaled: torch.Tensor, mode: str, scale_factor: float, vae: PixelVAE | None = None,
-                factor: int = 2) -> torch.Tensor:
-    """Scaled low-res latent (B, C, h, w) → scaled source on the high-res grid (B, C, factor·h, factor·w)."""
+                factor: int = 2, back_projection: float = 0.0) -> torch.Tensor:
+    """Scaled low-res latent (B, C, h, w) → scaled source on the high-res grid (B, C, factor·h, factor·w).
+    `back_projection`: pixel mode's `back_project` strength (the model's; 0 for models trained without)."""
     b, c, h, w = z_scaled.shape
     out_size = (h * factor, w * factor)
     if mode == "latent":
@@ -43,6 +58,7 @@ def make_source(z_scaled: torch.Tensor, mode: str, scale_factor: float, vae: Pix
     if pixels.ndim != 4 or pixels.shape[0] != b:
         raise ValueError(f"the VAE decoded a {tuple(pixels.shape)} tensor from a {tuple(z_scaled.shape)} latent")
     pixels = bilinear(pixels.to(torch.float32), (pixels.shape[-2] * factor, pixels.shape[-1] * factor))
+    pixels = back_project(vae, pixels, back_projection)
     z_up = vae.encode(pixels).to(z_scaled.device, torch.float32) * scale_factor
     if tuple(z_up.shape) != (b, c, *out_size):
         raise ValueError(

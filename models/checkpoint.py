@@ -50,6 +50,8 @@ class MethodSettings:
     source_vae: str = "connected"        # pixel mode: the VAE that built the trained sources. "connected": the
     #                                      latent's own VAE must be connected; "taesd": the pack's TAESD builds
     #                                      the source when no VAE is connected
+    back_projection: float = 0.0         # pixel mode: strength of the back-projection of the up-sampled pixels
+    #                                      before the encode (`flow.source.back_project`); 0: models without
     solver: str = "euler"                # recommended solver when none is connected
     solver_steps: int = 4                # ... and its integration steps
 

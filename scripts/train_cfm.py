@@ -33,7 +33,8 @@ def main(argv=None) -> int:
                  "save_every", "seed", "solver_steps", "max_images", "decay_from", "pixel_items", "pixel_crop",
                  "pixel_lowpass"):
         ap.add_argument("--" + name.replace("_", "-"), type=int)
-    for name in ("lr", "weight_decay", "ema", "grad_clip", "max_minutes", "t_mean", "pixel_loss"):
+    for name in ("lr", "weight_decay", "ema", "grad_clip", "max_minutes", "t_mean", "pixel_loss",
+                 "back_projection"):
         ap.add_argument("--" + name.replace("_", "-"), type=float)
     ap.add_argument("--mode", choices=("pixel", "latent"))
     ap.add_argument("--t-dist", choices=("uniform", "logit_normal"))

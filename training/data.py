@@ -77,6 +77,7 @@ def downscale2(pixels: torch.Tensor) -> torch.Tensor:
 #     hi     encode(image)                                              (H/8)   the target
 #     lo     encode(image downscaled ×2)                                (H/16)  what a diffusion model makes
 #     latent, pixel  the source on the high-res grid in each up-sampling mode                    (H/8)
+# A store is built for one back-projection strength of the pixel source (`flow.source.back_project`).
 
 SOURCES = MODES   # one stored source per up-sampling mode
 STORE_CHUNK = 64
@@ -96,7 +97,7 @@ def prepare_image(img: torch.Tensor, max_side: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def encode_image(vae, img: torch.Tensor) -> dict[str, torch.Tensor]:
+def encode_image(vae, img: torch.Tensor, back_projection: float = 0.0) -> dict[str, torch.Tensor]:
     """One prepared image (3, H, W) → its target, low-res latent and every source, network space."""
     s = vae.scale_factor
     device = next(vae.parameters()).device
@@ -105,23 +106,25 @@ def encode_image(vae, img: torch.Tensor) -> dict[str, torch.Tensor]:
     lo = vae.encode(downscale2(pixels)) * s
     out["lo"] = lo
     for mode in SOURCES:
-        out[mode] = make_source(lo, mode, s, vae)
+        out[mode] = make_source(lo, mode, s, vae, back_projection=back_projection)
     return {k: v[0].to("cpu", torch.bfloat16) for k, v in out.items()}
 
 
-def store_key(images: list[Path], max_side: int, vae_id: str) -> str:
+def store_key(images: list[Path], max_side: int, vae_id: str, back_projection: float = 0.0) -> str:
+    # back_projection joins the key only when used, so the stores built before it keep their names
     return hashlib.sha1(json.dumps([[p.name, p.stat().st_size] for p in images] + [max_side, vae_id,
-                                                                                   list(SOURCES)])
+                                                                                   list(SOURCES)]
+                                   + ([back_projection] if back_projection else []))
                         .encode()).hexdigest()[:16]
 
 
 def build_store(images: list[Path], vae, vae_id: str, cache_dir: str | os.PathLike, max_side: int = 768,
-                count: int | None = None, progress=None) -> list[Path]:
+                count: int | None = None, progress=None, back_projection: float = 0.0) -> list[Path]:
     """Encode the first `count` images (all by default; whole chunks of STORE_CHUNK) once each, into chunk files
     of a store folder keyed by the whole image list, so a run on fewer images shares the chunks of a run on all
     of them. A stopped build resumes at its first missing chunk. Returns the chunk files."""
     from safetensors.torch import save_file
-    folder = Path(cache_dir) / f"store-{store_key(images, max_side, vae_id)}"
+    folder = Path(cache_dir) / f"store-{store_key(images, max_side, vae_id, back_projection)}"
     folder.mkdir(parents=True, exist_ok=True)
     count = len(images) if count is None else min(count, len(images))
     paths = []
@@ -132,17 +135,19 @@ def build_store(images: list[Path], vae, vae_id: str, cache_dir: str | os.PathLi
             continue
         tensors = {}
         for i, p in enumerate(images[start:start + STORE_CHUNK], start):
-            for k, v in encode_image(vae, prepare_image(load_rgb(p), max_side)).items():
+            for k, v in encode_image(vae, prepare_image(load_rgb(p), max_side), back_projection).items():
                 tensors[f"{i}.{k}"] = v.contiguous()
         tmp = path.with_name(path.name + ".partial")
-        save_file(tensors, tmp, metadata={"vae": vae_id, "max_side": str(max_side)})
+        save_file(tensors, tmp, metadata={"vae": vae_id, "max_side": str(max_side),
+                                          "back_projection": str(float(back_projection))})
         os.replace(tmp, path)
         if progress:
             progress(min(start + STORE_CHUNK, count), count)
     return paths
 
 
-def stored_chunks(folder, vae_id: str, max_images: int | None = None) -> list[Path]:
+def stored_chunks(folder, vae_id: str, max_images: int | None = None,
+                  back_projection: float = 0.0) -> list[Path]:
     """The chunk files of a latent store built earlier (`build_store`), e.g. carried to a GPU machine without
     the photos: checked to come from the same VAE; the first `max_images` worth of them when given."""
     from safetensors import safe_open
@@ -153,9 +158,14 @@ def stored_chunks(folder, vae_id: str, max_images: int | None = None) -> list[Pa
         chunks = chunks[:max(1, -(-max_images // STORE_CHUNK))]
     for path in chunks:
         with safe_open(str(path), "pt") as f:
-            made_by = (f.metadata() or {}).get("vae")
+            meta = f.metadata() or {}
+        made_by = meta.get("vae")
         if made_by != vae_id:
             raise ValueError(f"{path.name} was encoded with {made_by!r}, not this run's VAE {vae_id!r}")
+        made_with = float(meta.get("back_projection", "0"))
+        if made_with != back_projection:
+            raise ValueError(f"{path.name} holds pixel sources back-projected with strength {made_with}, not "
+                             f"this run's {float(back_projection)}")
     return chunks
 
 

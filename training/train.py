@@ -52,6 +52,7 @@ class TrainConfig:
     pixel_items: int = 8            # this many items of each batch, a random `pixel_crop`² latent window of each,
     pixel_crop: int = 16            # between the decoded prediction of x1 and the decoded target,
     pixel_lowpass: int = 1          # both averaged over blocks of this many pixels first (1: every pixel)
+    back_projection: float = 0.0    # pixel mode: back-projection strength of the source (`flow.source.back_project`)
     batch: int = 32
     lr: float = 2e-4
     warmup: int = 500
@@ -151,7 +152,7 @@ def _method(cfg: TrainConfig) -> MethodSettings:
     source_vae = "taesd" if cfg.vae and Path(cfg.vae).is_dir() and cfg.mode == "pixel" else "connected"
     return MethodSettings(scale_factor=0.18215, upsampling_mode=cfg.mode, noise_step=cfg.noise_step,
                           low_res=cfg.crop // 16, high_res=cfg.crop // 8, latent_family="sd1",
-                          source_vae=source_vae, solver=cfg.solver,
+                          source_vae=source_vae, back_projection=cfg.back_projection, solver=cfg.solver,
                           solver_steps=cfg.solver_steps)
 
 
@@ -216,7 +217,7 @@ class Validator:
     def _source(self):
         from ..flow.source import make_source
         s = 0.18215
-        return make_source(self.lo_raw * s, self.cfg.mode, s, self.vae)
+        return make_source(self.lo_raw * s, self.cfg.mode, s, self.vae, back_projection=self.cfg.back_projection)
 
     @staticmethod
     def _grid(columns, path: Path):
@@ -238,7 +239,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     vae, vae_id = load_training_vae(cfg.vae)
     vae.to(device)  # loaded frozen (requires_grad False): the pixel loss differentiates through it, not into it
     if cfg.store:
-        chunks = stored_chunks(cfg.store, vae_id, cfg.max_images)
+        chunks = stored_chunks(cfg.store, vae_id, cfg.max_images, cfg.back_projection)
         if rank == 0:
             log(f"data: {len(chunks)} chunks of the latent store in {cfg.store}")
     else:
@@ -251,10 +252,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
         cache_dir = Path(os.environ.get("FMBOOST_CACHE") or run_dir / "cache")
         if rank == 0:
             build_store(images, vae, vae_id, cache_dir, cfg.max_side, cfg.max_images,
-                        progress=_cache_progress(log))
+                        progress=_cache_progress(log), back_projection=cfg.back_projection)
         _barrier(world)
         # found, not rebuilt, by the other ranks
-        chunks = build_store(images, vae, vae_id, cache_dir, cfg.max_side, cfg.max_images)
+        chunks = build_store(images, vae, vae_id, cache_dir, cfg.max_side, cfg.max_images,
+                             back_projection=cfg.back_projection)
     store = LatentStore(chunks, cfg.mode, min_size=cfg.crop // 8)
     size = cfg.crop // 8
 

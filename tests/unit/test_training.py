@@ -390,3 +390,45 @@ def test_every_recipe_is_a_valid_training_config(recipe):
     assert cfg.init is None or (REPO / cfg.init).is_file()
     assert cfg.crop % 16 == 0 and cfg.mode in ("pixel", "latent")
     assert cfg.decay_from is None or cfg.decay_from < cfg.steps
+
+
+def test_back_projection_makes_the_source_decode_closer_to_its_pixels():
+    """flow.source.back_project with the pack's TAESD on what pixel mode encodes (a decoded image up-sampled ×2):
+    the round trip of the back-projected pixels is nearer those pixels, in values and in colour."""
+    from fmboost.flow.source import back_project, make_source
+    vae = TAESD.from_folder(TAESD_DIR)
+    img = torch.from_numpy(np.array(Image.open(REPO / "assets" / "fmboost_example.png").convert("RGB"))
+                           ).float().div(255).permute(2, 0, 1)[None][:, :, :144, :256]
+    s = vae.scale_factor
+    with torch.inference_mode():
+        lo = vae.encode(img) * s
+        x = torch.nn.functional.interpolate(vae.decode(lo / s), scale_factor=2, mode="bilinear")
+        assert torch.equal(back_project(vae, x, 0.0), x)
+        y = back_project(vae, x, 0.75)
+        assert y.min() >= 0 and y.max() <= 1 and not torch.equal(y, x)
+        plain, projected = vae.decode(vae.encode(x)), vae.decode(vae.encode(y))
+        assert metrics.psnr(projected, x).item() > metrics.psnr(plain, x).item() + 1.0
+        assert metrics.colour_error(projected, x).item() < 0.5 * metrics.colour_error(plain, x).item()
+        # the pixel-mode source applies it between the up-sampling and the encode
+        torch.testing.assert_close(make_source(lo, "pixel", s, vae, back_projection=0.75), vae.encode(y) * s)
+        torch.testing.assert_close(make_source(lo, "pixel", s, vae), vae.encode(x) * s)
+
+
+def test_back_projection_is_the_models_setting_and_a_store_is_built_for_one(photos, tmp_path):
+    """A model trained with back-projected sources says so in its metadata, and the node's settings take it from
+    there; a store holds sources for one strength, and a carried store made for another is refused."""
+    from fmboost.flow.settings import resolve
+    from fmboost.models import MethodSettings
+    from fmboost.training.data import store_key
+    train(config(photos, tmp_path, steps=1, val_images=None, back_projection=0.75))
+    ck = load_checkpoint(str(tmp_path / "model.safetensors"))
+    assert ck.method.back_projection == 0.75
+    assert resolve(ck.method).settings.back_projection == 0.75
+    assert resolve(MethodSettings.from_dict({"upsampling_mode": "pixel", "source_vae": "taesd"})
+                   ).settings.back_projection == 0   # models saved before the setting existed
+    chunks = sorted((tmp_path / "run" / "cache").glob("store-*/chunk-*.safetensors"))
+    assert len(chunks) == 1
+    images = sorted((photos / "train").glob("*.jpg"))
+    assert store_key(images, 192, "x") == store_key(images, 192, "x", 0.0) != store_key(images, 192, "x", 0.75)
+    with pytest.raises(ValueError, match="strength 0.75, not this run's 0.0"):
+        train(config(photos, tmp_path / "other", store=str(chunks[0].parent), steps=1, val_images=None))
