@@ -13,6 +13,9 @@ from fmboost.models.unet import CFMUNet
 TINY = UNetConfig(model_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(2,),
                   num_heads=2, dim_head=16)
 TINY_METHOD = MethodSettings(noise_step=300, upsampling_mode="latent", low_res=16, high_res=32)
+# a model trained on back-projected pixel sources built by the pack's TAESD (like the shipped one)
+BACK_PROJECTED_METHOD = MethodSettings(noise_step=300, upsampling_mode="pixel", source_vae="taesd",
+                                       back_projection=0.75, low_res=16, high_res=32)
 
 
 class RunsCodeIfUnpickled:
@@ -38,6 +41,8 @@ def make_models(models_dir):
     cfm = models_dir / "cfm"
     save_checkpoint(cfm / "tiny.safetensors", tiny_state(), TINY, TINY_METHOD, dtype=None)
     save_checkpoint(cfm / "zero.safetensors", tiny_state(zero_velocity=True), TINY, TINY_METHOD, dtype=None)
+    save_checkpoint(cfm / "zero_back_projected.safetensors", tiny_state(zero_velocity=True), TINY,
+                    BACK_PROJECTED_METHOD, dtype=None)
     copy_shared(FIXTURES / "small_checkpoint_lightning.ckpt", cfm / "authors_small.ckpt")
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)},
               cfm / "not_cfm.safetensors")

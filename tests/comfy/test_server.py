@@ -8,8 +8,8 @@ from fmboost.flow.runtime import cpu_dtype
 from fmboost.flow.schedule import alpha_bar
 from fmboost.models import load_checkpoint
 
-from comfy_support import TINY_METHOD, read_latent, solver, upscale_prompt
-from support import FIXTURES, require_shared
+from comfy_support import BACK_PROJECTED_METHOD, TINY_METHOD, read_latent, solver, upscale_prompt
+from support import FIXTURES, REPO, require_shared
 
 NODES = {"FMBoostLoadCFMModel": "Load CFM Model", "FMBoostLatentUpscale": "CFM Latent Upscale",
          "FMBoostSolverSettings": "CFM Solver Settings"}
@@ -119,6 +119,26 @@ def test_pixel_mode_with_taesd_equals_decode_resize_encode(server, latent_file):
     latent_mode = read_latent(server.output_file(
         server.run(upscale_prompt(name, "zero.safetensors", noise=0, mode="latent")), "4"))
     assert (latent_mode - a).abs().mean() > 0.05  # the two modes really differ
+
+
+def test_the_models_back_projection_builds_the_source(server, latent_file):
+    """A model trained on back-projected pixel sources gets them through the server, with every widget at its
+    default and no VAE connected (the pack's TAESD): with v ≡ 0 the output is the core's source, noised."""
+    from fmboost.flow.source import make_source
+    from fmboost.models.taesd import TAESD
+    lat = raw_latent(1, 8, 8, seed=3)
+    entry = server.run(upscale_prompt(latent_file(lat), "zero_back_projected.safetensors", mode="auto"))
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    out = read_latent(server.output_file(entry, "4"))
+    s, step = BACK_PROJECTED_METHOD.scale_factor, BACK_PROJECTED_METHOD.noise_step
+    taesd = TAESD.from_folder(REPO / "weights" / "taesd")
+    with torch.inference_mode():
+        projected = make_source(lat * s, "pixel", s, taesd, back_projection=0.75)
+        plain = make_source(lat * s, "pixel", s, taesd)
+    a = alpha_bar()[step]
+    expected = (a.sqrt() * projected + (1 - a).sqrt() * item_noise((4, 16, 16), 0, [0])) / s
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    assert (projected - plain).abs().mean() > 0.02   # the back-projection is not a no-op here
 
 
 def test_batch_index_selects_the_same_noise_as_in_the_batch(server, latent_file):
