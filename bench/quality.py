@@ -127,7 +127,8 @@ def methods(args, source_vae, cfm, cfm_ck, city96, regression):
     # What a user gets: the node's defaults (every widget untouched, no solver connected), and the same in each
     # up-sampling mode, so that a model/mode mismatch shows in the table.
     rec = f"{cfm_ck.method.solver} {cfm_ck.method.solver_steps}"
-    out[f"(f) CFM node defaults ({cfm_ck.method.upsampling_mode} mode, {rec}, k={default_step})"] = cfm_run()
+    bp = f", back-projected {cfm_ck.method.back_projection:g}" if cfm_ck.method.back_projection else ""
+    out[f"(f) CFM node defaults ({cfm_ck.method.upsampling_mode} mode{bp}, {rec}, k={default_step})"] = cfm_run()
     for mode in MODES:
         out[f"(f) CFM {mode} mode ({rec}, k={default_step})"] = cfm_run(upsampling=mode)
     for evals in args.evals:
