@@ -149,7 +149,8 @@ def build_store(images: list[Path], vae, vae_id: str, cache_dir: str | os.PathLi
 def stored_chunks(folder, vae_id: str, max_images: int | None = None,
                   back_projection: float = 0.0) -> list[Path]:
     """The chunk files of a latent store built earlier (`build_store`), e.g. carried to a GPU machine without
-    the photos: checked to come from the same VAE; the first `max_images` worth of them when given."""
+    the photos: checked to come from the same VAE and back-projection strength; the first `max_images` worth of
+    them when given."""
     from safetensors import safe_open
     chunks = sorted(Path(folder).glob("chunk-*.safetensors"))
     if not chunks:
