@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..flow import q_sample, upscale
+from ..flow.pipeline import build_source
 from ..flow.settings import resolve
 from ..models import MethodSettings, UNetConfig, save_checkpoint
 from ..models.unet import CFMUNet
@@ -185,6 +186,8 @@ class Validator:
         with torch.inference_mode():
             from .data import downscale2
             self.lo_raw = vae.encode(downscale2(self.truth).to(device))
+            # the flow's source, built once (with a back-projection it costs two more VAE passes at full size)
+            self.source = build_source(self.lo_raw, resolve(_method(cfg), have_vae=True).settings, vae, device)
 
     @torch.inference_mode()
     def run(self, net, step: int, run_dir: Path) -> dict:
@@ -193,16 +196,15 @@ class Validator:
         vae = self.vae
         if cfg.objective == "cfm":
             s = resolve(_method(cfg), size_multiple=net.config.size_multiple, have_vae=True).settings
-            out_raw = upscale(net, self.lo_raw, s, vae=vae, device=self.device)
+            out_raw = upscale(net, self.lo_raw, s, source=self.source, device=self.device)
         else:
-            src = self._source()
-            out_raw = net(src, torch.zeros((), device=self.device), src) / 0.18215
+            out_raw = net(self.source, torch.zeros((), device=self.device), self.source) / 0.18215
         result = vae.decode(out_raw).cpu()
         bilinear = vae.decode(F.interpolate(self.lo_raw, scale_factor=2, mode="bilinear", align_corners=False)).cpu()
         low_px = vae.decode(self.lo_raw).cpu()
         low = F.interpolate(low_px, scale_factor=2, mode="nearest")
         bicubic = F.interpolate(low_px, scale_factor=2, mode="bicubic", align_corners=False).clamp(0, 1)
-        source = vae.decode(self._source() / 0.18215).cpu()  # what the flow starts from, decoded
+        source = vae.decode(self.source / 0.18215).cpu()  # what the flow starts from, decoded
         scores = {}
         for name, img in (("model", result), ("latent_bilinear", bilinear), ("bicubic", bicubic),
                           ("source", source)):
@@ -213,11 +215,6 @@ class Validator:
         self._grid([low, bilinear, result, self.truth], run_dir / f"val_{step:07d}.png")
         (run_dir / f"val_{step:07d}.json").write_text(json.dumps({"step": step, **scores}, indent=1))
         return scores
-
-    def _source(self):
-        from ..flow.source import make_source
-        s = 0.18215
-        return make_source(self.lo_raw * s, self.cfg.mode, s, self.vae, back_projection=self.cfg.back_projection)
 
     @staticmethod
     def _grid(columns, path: Path):
