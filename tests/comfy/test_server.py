@@ -137,7 +137,10 @@ def test_the_models_back_projection_builds_the_source(server, latent_file):
         plain = make_source(lat * s, "pixel", s, taesd)
     a = alpha_bar()[step]
     expected = (a.sqrt() * projected + (1 - a).sqrt() * item_noise((4, 16, 16), 0, [0])) / s
-    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    # The server's thread count differs from this process's, and the clamp and the second encode carry
+    # last-bit differences of the first decode into a few elements (seen: 5e-4): the tolerance of the
+    # pixel-mode test above, two orders below what the back-projection changes.
+    torch.testing.assert_close(out, expected, atol=2e-3, rtol=1e-3)
     assert (projected - plain).abs().mean() > 0.02   # the back-projection is not a no-op here
 
 
