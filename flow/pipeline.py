@@ -1,6 +1,7 @@
 """One CFM upscale, from a raw VAE latent to a raw VAE latent with twice the height and width.
 
     raw latent ──×scale──▶ z ──source──▶ z_up ──q_sample(step, ε)──▶ x0 ──ODE v([x, z_up], t)──▶ x1 ──÷scale──▶ raw
+    ──shading correction (optional: large-scale shading pulled to the low-res image's)──▶ raw
 
 Everything ComfyUI-specific stays out: the nodes pass plain tensors, a velocity network, an optional VAE
 (`source.PixelVAE`) and a progress callback.
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .schedule import check_step, q_sample
+from .shading import correct_shading
 from .solvers import EvalInfo, SolverSettings, integrate
 from .source import PixelVAE, make_source
 from .tiling import TiledNetwork
@@ -50,6 +52,7 @@ class UpscaleSettings:
     solver: SolverSettings = SolverSettings()
     size_multiple: int = 1
     back_projection: float = 0.0   # pixel mode: `source.back_project` strength, from the model
+    shading_correction: int = 0    # passes of `shading.correct_shading` after the flow (0: none)
 
 
 def item_noise(shape: Sequence[int], seed: int, batch_index: Sequence[int]) -> torch.Tensor:
@@ -107,16 +110,23 @@ def upscale(network: Network, latent: torch.Tensor, settings: UpscaleSettings, *
             on_progress: Optional[Callable[[Progress], None]] = None,
             device: torch.device | str | None = None, max_batch: Optional[int] = None,
             tile: Optional[int] = None, overlap: Optional[int] = None,
-            before_window: Callable[[], None] = lambda: None) -> torch.Tensor:
+            before_window: Callable[[], None] = lambda: None,
+            shading_vae: Optional[PixelVAE] = None) -> torch.Tensor:
     """Raw VAE latent (B, C, h, w) → raw VAE latent (B, C, 2h, 2w), float32 on `device`.
 
     `max_batch` caps how many items are integrated together (memory); items are independent either way.
     `tile` (output latent pixels) runs the network on overlapping windows of that size (`tiling.TiledNetwork`);
-    `before_window` is called before each window (cancellation inside a long tiled evaluation). `source`: the
-    output of `build_source` for these arguments when the caller built it already (then `vae` is not used)."""
+    `before_window` is called before each window (cancellation inside a long tiled evaluation) and before each
+    shading pass. `source`: the output of `build_source` for these arguments when the caller built it already
+    (then `vae` is not used for it). `settings.shading_correction` passes (`shading.correct_shading`) run on
+    the result with `shading_vae`, else `vae`."""
     check_latent(latent, latent_channels)
     step = check_step(settings.noise_step)
     device = torch.device(device) if device is not None else latent.device
+    shading_vae = shading_vae or vae
+    if settings.shading_correction and shading_vae is None:
+        raise InputError("shading correction needs a VAE to compare the shading with: pass one, or set "
+                         "shading_correction to 0")
     b = latent.shape[0]
     if batch_index is None:
         batch_index = list(range(b))
@@ -164,4 +174,5 @@ def upscale(network: Network, latent: torch.Tensor, settings: UpscaleSettings, *
 
         results.append(integrate(velocity, x0[rows], solver, on_eval))
     x1 = torch.cat(results, dim=0)[..., :out_h, :out_w]
-    return x1 / settings.scale_factor
+    return correct_shading(shading_vae, latent.to(device, torch.float32), x1 / settings.scale_factor,
+                           settings.shading_correction, before_pass=before_window)

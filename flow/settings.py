@@ -1,8 +1,8 @@
 """The one place where a model's stored method settings become the settings of an upscale.
 
 The node, the benchmark, the trainer's validation and the tests all call `resolve`, so "the defaults" mean
-the same thing everywhere: the up-sampling mode the checkpoint was trained for, its trained noise step and its
-recommended solver.
+the same thing everywhere: the up-sampling mode the checkpoint was trained for, its trained noise step, its
+recommended solver and its recommended shading correction.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from .source import MODES
 AUTO = "auto"
 UPSAMPLING_CHOICES = (AUTO,) + MODES
 MODEL_NOISE_STEP = -1          # the node's "use the trained step"
+MODEL_SHADING = -1             # the node's "the passes the model recommends"
+MAX_SHADING_PASSES = 4
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,8 @@ def default_solver(method) -> SolverSettings:
 
 
 def resolve(method, *, size_multiple: int = 1, upsampling: str = AUTO, noise_step: int = MODEL_NOISE_STEP,
-            seed: int = 0, solver: Optional[SolverSettings] = None, have_vae: bool = False) -> Resolved:
+            seed: int = 0, solver: Optional[SolverSettings] = None, have_vae: bool = False,
+            shading_correction: int = MODEL_SHADING) -> Resolved:
     """A model's method settings (`models.MethodSettings`) plus the user's choices → the upscale's settings.
 
     `upsampling` "auto" takes the trained mode; another mode runs but reports the mismatch. Pixel mode without
@@ -56,7 +59,12 @@ def resolve(method, *, size_multiple: int = 1, upsampling: str = AUTO, noise_ste
                              "latent)" + (", or choose latent up-sampling" if trained != "pixel" else ""))
         builtin_vae = True
     step = method.noise_step if noise_step == MODEL_NOISE_STEP else int(noise_step)
+    passes = method.shading_correction if shading_correction == MODEL_SHADING else int(shading_correction)
+    if not 0 <= passes <= MAX_SHADING_PASSES:
+        raise ValueError(f"shading_correction must be {MODEL_SHADING} (the model's) or 0–{MAX_SHADING_PASSES} "
+                         f"passes, got {passes}")
     settings = UpscaleSettings(scale_factor=method.scale_factor, mode=mode,
                                noise_step=step, seed=seed, solver=solver or default_solver(method),
-                               size_multiple=size_multiple, back_projection=method.back_projection)
+                               size_multiple=size_multiple, back_projection=method.back_projection,
+                               shading_correction=passes)
     return Resolved(settings, mismatch, builtin_vae)

@@ -52,6 +52,8 @@ class MethodSettings:
     #                                      the source when no VAE is connected
     back_projection: float = 0.0         # pixel mode: strength of the back-projection of the up-sampled pixels
     #                                      before the encode (`flow.source.back_project`); 0: models without
+    shading_correction: int = 0          # recommended passes of `flow.shading.correct_shading` after the flow
+    #                                      (0: none, the authors' models and models without the field)
     solver: str = "euler"                # recommended solver when none is connected
     solver_steps: int = 4                # ... and its integration steps
 

@@ -1,0 +1,59 @@
+"""Shading correction: after the flow, pull the upscaled image's large-scale shading and colour back to the
+low-res image's, and leave its detail alone.
+
+A small CFM network shifts the large-scale shading it is given (it colours and darkens broad areas), while a
+bicubic resize keeps the low-res image's shading exactly; most of the gap between the two is there (bench/
+RESULTS.md, *Where the error is*). One pass:
+
+    d   = decode(z)                                       the upscaled image
+    e   = blur(bicubic ×2 of decode(low-res)) − blur(d)   its large-scale error (Gaussian of SHADING_SIGMA px)
+    z  += encode(d + e) − encode(d)
+
+The difference of two encodes moves the latent by what the pixel change means to the encoder, and cancels the
+encoder's own bias (encoding d + e directly would add the VAE's round-trip error: its reds and greens, its
+blur). Everything is per item, so batches and seeds behave as without it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .source import PixelVAE
+
+SHADING_SIGMA = 2.0   # output pixels: one pixel of the low-res image. Measured against 1 and 1.5 (bench/RESULTS.md)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian of `sigma` px over the last two dims of (B, C, H, W), reflected at the borders."""
+    radius = max(1, int(3 * sigma + 0.5))
+    k = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
+    k = torch.exp(-k ** 2 / (2 * sigma * sigma))
+    k = (k / k.sum()).to(x.dtype)
+    c = x.shape[1]
+    mode = "reflect" if min(x.shape[-2:]) > radius else "replicate"
+    x = F.pad(x, (radius, radius, radius, radius), mode=mode)
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def correct_shading(vae: PixelVAE, low: torch.Tensor, out: torch.Tensor, passes: int,
+                    sigma: float = SHADING_SIGMA, before_pass=lambda: None) -> torch.Tensor:
+    """Raw low-res latent (B, C, h, w) and the raw upscaled latent (B, C, 2h, 2w) → the upscaled latent with its
+    shading (blur of `sigma` output px) pulled to that of the low-res image, bicubic ×2, after `passes`
+    passes (0: `out` unchanged). Pixels are compared in float32; `before_pass` runs before each (Cancel)."""
+    if passes <= 0:
+        return out
+    pixels = vae.decode(low).to(out.device, torch.float32)
+    reference = F.interpolate(pixels, size=(pixels.shape[-2] * 2, pixels.shape[-1] * 2), mode="bicubic",
+                              align_corners=False).clamp(0, 1)
+    reference = gaussian_blur(reference, sigma)
+    z = out
+    for _ in range(passes):
+        before_pass()
+        d = vae.decode(z).to(out.device, torch.float32)
+        if d.shape != reference.shape:
+            raise ValueError(f"the VAE decoded {tuple(d.shape)} pixels from the upscaled latent, expected "
+                             f"{tuple(reference.shape)}")
+        target = (d + reference - gaussian_blur(d, sigma)).clamp(0, 1)
+        z = z + vae.encode(target).to(out.device, torch.float32) - vae.encode(d).to(out.device, torch.float32)
+    return z
