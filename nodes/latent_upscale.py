@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..flow import EvaluationBudgetExceeded, InputError, upscale
 from ..flow.pipeline import build_source, check_latent
-from ..flow.settings import AUTO, MODEL_NOISE_STEP, UPSAMPLING_CHOICES, MissingVAE, resolve
+from ..flow.settings import AUTO, MAX_SHADING_PASSES, MODEL_NOISE_STEP, MODEL_SHADING, UPSAMPLING_CHOICES, resolve
 from ..flow.source import upsample_mask
 from ..flow.tiling import run_with_smaller_tiles
 from .comfy_model import CFMModel, ComfyVAE, ProgressReporter, builtin_taesd
@@ -56,19 +56,26 @@ class CFMLatentUpscale(io.ComfyNode):
                                      "the largest windows that fit (and smaller ones after an out-of-memory). "
                                      "Otherwise: run the network on overlapping windows of at most this many "
                                      "output latent pixels (8 pixels each), blended across their overlaps."),
+                io.Int.Input("shading_correction", default=MODEL_SHADING, min=MODEL_SHADING,
+                             max=MAX_SHADING_PASSES, optional=True,
+                             tooltip="Passes that pull the result's large-scale shading and colour back to the "
+                                     "low-res image's (a 2-pixel blur of it, bicubic ×2), leaving the detail: "
+                                     "fixes colour casts and brightness drift. Each pass decodes and encodes "
+                                     "the result once with the pack's TAESD (milliseconds on a GPU, seconds on "
+                                     "a CPU). -1: what the model recommends (1 for the shipped model); 0: off."),
             ],
             outputs=[io.Latent.Output(tooltip="The latent at twice the height and width.")],
         )
 
     @classmethod
     def execute(cls, cfm_model: CFMModel, samples, noise_augmentation, seed, upsampling, solver=None,
-                vae=None, tile_size=0) -> io.NodeOutput:
+                vae=None, tile_size=0, shading_correction=MODEL_SHADING) -> io.NodeOutput:
         latent = samples["samples"]
         try:
             resolved = resolve(cfm_model.method, size_multiple=cfm_model.net_config.size_multiple,
                                upsampling=upsampling, noise_step=noise_augmentation, seed=seed, solver=solver,
-                               have_vae=vae is not None)
-        except MissingVAE as e:
+                               have_vae=vae is not None, shading_correction=shading_correction)
+        except ValueError as e:  # MissingVAE, or a value out of range
             raise ValueError(f"CFM Latent Upscale: {e}") from None
         settings, solver = resolved.settings, resolved.settings.solver
         if resolved.mismatch:
@@ -82,6 +89,9 @@ class CFMLatentUpscale(io.ComfyNode):
             pixel_vae = ComfyVAE(vae) if vae is not None else None
             if resolved.builtin_vae:
                 pixel_vae = builtin_taesd(device, cfm_model.dtype)
+            # The shading is compared with the pack's TAESD whatever VAE built the source: a few TAESD passes
+            # cost what one SD VAE decode of the result would.
+            shading_vae = builtin_taesd(device, cfm_model.dtype) if settings.shading_correction else None
             # The source first: a connected VAE's own load may unload other models, and must not unload ours
             # between its load and the last evaluation. Built once, it also serves every out-of-memory retry.
             with torch.inference_mode():
@@ -97,7 +107,8 @@ class CFMLatentUpscale(io.ComfyNode):
                                    batch_index=samples.get("batch_index"),
                                    latent_channels=cfm_model.net_config.latent_channels, on_progress=reporter,
                                    device=plan.device, max_batch=plan.max_batch, tile=tile,
-                                   before_window=mm.throw_exception_if_processing_interrupted)
+                                   before_window=mm.throw_exception_if_processing_interrupted,
+                                   shading_vae=shading_vae)
 
             out = run_with_smaller_tiles(run, plan.tile, max(height, width), cfm_model.net_config.size_multiple,
                                          cfm_model.min_tile, on_oom=mm.soft_empty_cache,
@@ -122,6 +133,7 @@ class CFMLatentUpscale(io.ComfyNode):
         info = {"input": list(latent.shape), "output": list(result["samples"].shape), "seconds": round(seconds, 3),
                 "evaluations": reporter.bar.current, "upsampling": settings.mode,
                 "noise_augmentation": settings.noise_step, "solver": f"{solver.method} {solver.steps}",
+                "shading_correction": settings.shading_correction,
                 # The memory plan, which free memory decides when tile_size is 0. Windows change the image
                 # within invisible distance (tested); the items per call leave it unchanged on the CPU (tested),
                 # while a GPU may pick other kernels for another batch size and differ in the last bits.

@@ -4,6 +4,7 @@ they are written into the file's metadata here, not trained in. The weights and 
 the file is replaced atomically.
 
     .venv/bin/python scripts/set_model_defaults.py MODEL.safetensors --noise-step 275 [--solver euler --solver-steps 2]
+        [--shading-correction 1]
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def set_defaults(path: str | os.PathLike, **changes) -> dict:
     from fmboost.models.checkpoint import FORMAT_TAG, MethodSettings
     from fmboost.flow.schedule import check_step
     from fmboost.flow.solvers import SolverSettings
+    from fmboost.flow.settings import MAX_SHADING_PASSES
     path = Path(path)
     with safe_open(str(path), "pt") as f:
         meta = dict(f.metadata() or {})
@@ -35,6 +37,8 @@ def set_defaults(path: str | os.PathLike, **changes) -> dict:
     new = replace(method, **{k: v for k, v in changes.items() if v is not None})
     check_step(new.noise_step)  # refuses a step outside the schedule
     SolverSettings(new.solver, steps=new.solver_steps)  # refuses an unknown solver or a bad step count
+    if not 0 <= new.shading_correction <= MAX_SHADING_PASSES:
+        raise ValueError(f"shading_correction must be 0–{MAX_SHADING_PASSES} passes, got {new.shading_correction}")
     training = json.loads(meta.get("fmboost.training", "{}"))
     training.setdefault("noise_step", method.noise_step)
     meta["fmboost.method"] = json.dumps(asdict(new))
@@ -52,10 +56,12 @@ def main(argv=None) -> int:
     ap.add_argument("--noise-step", type=int)
     ap.add_argument("--solver")
     ap.add_argument("--solver-steps", type=int)
+    ap.add_argument("--shading-correction", type=int, help="passes of the shading correction (0: none)")
     args = ap.parse_args(argv)
     try:
         print(json.dumps(set_defaults(args.model, noise_step=args.noise_step, solver=args.solver,
-                                      solver_steps=args.solver_steps)))
+                                      solver_steps=args.solver_steps,
+                                      shading_correction=args.shading_correction)))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
