@@ -210,10 +210,12 @@ def test_set_model_defaults_command_rewrites_only_the_recommended_settings(tmp_p
     def run(*args):
         return subprocess.run([sys.executable, str(REPO / "scripts" / "set_model_defaults.py"), str(path), *args],
                               capture_output=True, text=True, timeout=120)
-    proc = run("--noise-step", "275", "--solver", "midpoint", "--solver-steps", "3")
+    assert before.method.shading_correction == 0   # models without the field get none
+    proc = run("--noise-step", "275", "--solver", "midpoint", "--solver-steps", "3", "--shading-correction", "2")
     assert proc.returncode == 0, proc.stderr
     after = load_checkpoint(path)
     assert (after.method.noise_step, after.method.solver, after.method.solver_steps) == (275, "midpoint", 3)
+    assert after.method.shading_correction == 2
     assert after.method.upsampling_mode == before.method.upsampling_mode and after.net_config == before.net_config
     for k, v in before.state_dict.items():
         assert torch.equal(after.state_dict[k], v), k
@@ -221,8 +223,10 @@ def test_set_model_defaults_command_rewrites_only_the_recommended_settings(tmp_p
         assert json.loads(f.metadata()["fmboost.training"]) == {"steps": 7, "noise_step": 250}
     settings = resolve(after.method, noise_step=MODEL_NOISE_STEP, have_vae=True).settings
     assert settings.noise_step == 275 and settings.solver.method == "midpoint" and settings.solver.steps == 3
+    assert settings.shading_correction == 2
     size = path.stat().st_size
-    for bad in (["--noise-step", "1200"], ["--solver", "leapfrog"], ["--solver-steps", "0"]):
+    for bad in (["--noise-step", "1200"], ["--solver", "leapfrog"], ["--solver-steps", "0"],
+                ["--shading-correction", "5"]):
         proc = run(*bad)
         assert proc.returncode == 2 and "error:" in proc.stderr, bad
     assert load_checkpoint(path).method == after.method and path.stat().st_size == size

@@ -250,3 +250,11 @@ def test_settings_follow_the_model_and_say_when_they_do_not():
         resolve(latent_model, upsampling="nearest")
     # the core's solver default and an unconnected solver input of a model without a recommendation agree
     assert resolve(latent_model).settings.solver == SolverSettings()
+    # shading correction: the model's passes unless the user sets them; none for models that do not say
+    assert resolve(latent_model).settings.shading_correction == 0
+    corrected = MethodSettings(upsampling_mode="latent", shading_correction=1)
+    assert resolve(corrected).settings.shading_correction == 1
+    assert resolve(corrected, shading_correction=0).settings.shading_correction == 0
+    assert resolve(latent_model, shading_correction=3).settings.shading_correction == 3
+    with pytest.raises(ValueError, match="shading_correction must be"):
+        resolve(corrected, shading_correction=5)
