@@ -38,11 +38,11 @@ SPECS = {
     "FMBoostSolverSettings": ([], ["method", "steps", "atol", "rtol", "max_evals"], [("solver", "CFM_SOLVER")]),
     "FMBoostLatentUpscale": ([("cfm_model", "CFM_MODEL"), ("samples", "LATENT"), ("solver", "CFM_SOLVER"),
                               ("vae", "VAE")],
-                             ["noise_augmentation", "seed+control", "upsampling", "tile_size"],
+                             ["noise_augmentation", "seed+control", "upsampling", "tile_size", "shading_correction"],
                              [("LATENT", "LATENT")]),
 }
 UI_ONLY_WIDGETS = {"upload"}  # frontend-only widgets: in widgets_values, not in the API prompt
-OPTIONAL_DEFAULTS = {"compile": "off", "tile_size": 0}  # optional widgets a graph need not spell out
+OPTIONAL_DEFAULTS = {"compile": "off", "tile_size": 0, "shading_correction": -1}  # optional widgets a graph need not spell out
 
 
 @dataclass

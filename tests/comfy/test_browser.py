@@ -13,7 +13,8 @@ SHOTS = REPO / "test-output" / "browser"
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 OUR_WIDGETS = {
     "FMBoostLoadCFMModel": ["ckpt_name", "weight_dtype", "weights", "compile"],
-    "FMBoostLatentUpscale": ["noise_augmentation", "seed", "control_after_generate", "upsampling", "tile_size"],
+    "FMBoostLatentUpscale": ["noise_augmentation", "seed", "control_after_generate", "upsampling", "tile_size",
+                             "shading_correction"],
     "FMBoostSolverSettings": ["method", "steps", "atol", "rtol", "max_evals"],
 }
 
