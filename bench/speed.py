@@ -19,6 +19,7 @@ matrix-multiply rate. Writes the "## Speed" section of bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -295,9 +296,15 @@ def node_defaults(args) -> str:
             r = resolve(ck.method, size_multiple=ck.net_config.size_multiple)
             solver = r.settings.solver
             bp = f", back-projected {r.settings.back_projection:g}" if r.settings.back_projection else ""
-            rows[(f"{path.name}, node defaults ({r.settings.mode} source{bp}, {solver.method} {solver.steps}, "
-                  f"k={r.settings.noise_step})", name(dtype))] = best(
-                lambda: upscale(net, latent, r.settings, vae=taesd, device=device))
+            passes = r.settings.shading_correction
+            sc = f", shading correction {passes}" if passes else ""
+            label = (f"{path.name}, node defaults ({r.settings.mode} source{bp}, {solver.method} {solver.steps}, "
+                     f"k={r.settings.noise_step}{sc})")
+            rows[(label, name(dtype))] = best(lambda: upscale(net, latent, r.settings, vae=taesd, device=device))
+            if passes:
+                plain = dataclasses.replace(r.settings, shading_correction=0)
+                rows[(f"{path.name}, the same without shading correction", name(dtype))] = best(
+                    lambda: upscale(net, latent, plain, vae=taesd, device=device))
     base = rows[(source, name(torch.float32))]
     lines = [f"## Node defaults speed ({datetime.date.today().isoformat()})", "",
              f"- machine: {cpu_name() if device.type == 'cpu' else torch.cuda.get_device_name(device)}, "
