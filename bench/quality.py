@@ -128,7 +128,10 @@ def methods(args, source_vae, cfm, cfm_ck, city96, regression):
     # up-sampling mode, so that a model/mode mismatch shows in the table.
     rec = f"{cfm_ck.method.solver} {cfm_ck.method.solver_steps}"
     bp = f", back-projected {cfm_ck.method.back_projection:g}" if cfm_ck.method.back_projection else ""
-    out[f"(f) CFM node defaults ({cfm_ck.method.upsampling_mode} mode{bp}, {rec}, k={default_step})"] = cfm_run()
+    passes = cfm_ck.method.shading_correction
+    sc = f", shading correction {passes}" if passes else ""
+    defaults = f"(f) CFM node defaults ({cfm_ck.method.upsampling_mode} mode{bp}, {rec}, k={default_step}{sc})"
+    out[defaults] = cfm_run()
     for mode in MODES:
         out[f"(f) CFM {mode} mode ({rec}, k={default_step})"] = cfm_run(upsampling=mode)
     for evals in args.evals:
@@ -453,6 +456,9 @@ def main(argv=None):
     params = sum(v.numel() for v in cfm_ck.state_dict.values())
     info = (f"{params / 1e6:.2f} M parameters, {cfm_ck.method.upsampling_mode} mode, trained noise step "
             f"{cfm_ck.method.noise_step}")
+    if cfm_ck.method.shading_correction:
+        info += (f"; every CFM row with the model's shading correction ({cfm_ck.method.shading_correction} "
+                 "pass(es), `flow.shading`)")
     text = markdown(results, args, info, ", ".join(str(min(c, len(images))) for c in counts))
     if args.flat:
         flat = flat_field(cfm, cfm_ck, vae)
