@@ -123,7 +123,7 @@ def upscale(network: Network, latent: torch.Tensor, settings: UpscaleSettings, *
     check_latent(latent, latent_channels)
     step = check_step(settings.noise_step)
     device = torch.device(device) if device is not None else latent.device
-    shading_vae = shading_vae or vae
+    shading_vae = shading_vae if shading_vae is not None else vae
     if settings.shading_correction and shading_vae is None:
         raise InputError("shading correction needs a VAE to compare the shading with: pass one, or set "
                          "shading_correction to 0")

@@ -60,9 +60,10 @@ class CFMLatentUpscale(io.ComfyNode):
                              max=MAX_SHADING_PASSES, optional=True,
                              tooltip="Passes that pull the result's large-scale shading and colour back to the "
                                      "low-res image's (a 2-pixel blur of it, bicubic ×2), leaving the detail: "
-                                     "fixes colour casts and brightness drift. Each pass decodes and encodes "
-                                     "the result once with the pack's TAESD (milliseconds on a GPU, seconds on "
-                                     "a CPU). -1: what the model recommends (1 for the shipped model); 0: off."),
+                                     "fixes colour casts and brightness drift. Each pass decodes the result once "
+                                     "and encodes it twice with the pack's TAESD (milliseconds on a GPU, "
+                                     "seconds on a CPU). -1: what the model recommends (1 for the shipped "
+                                     "model); 0: off."),
             ],
             outputs=[io.Latent.Output(tooltip="The latent at twice the height and width.")],
         )
