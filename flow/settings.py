@@ -20,6 +20,13 @@ MODEL_SHADING = -1             # the node's "the passes the model recommends"
 MAX_SHADING_PASSES = 4
 
 
+def check_shading_passes(passes: int) -> int:
+    """A shading correction's pass count (`shading.correct_shading`), refused outside 0–MAX_SHADING_PASSES."""
+    if not 0 <= int(passes) <= MAX_SHADING_PASSES:
+        raise ValueError(f"shading_correction must be 0–{MAX_SHADING_PASSES} passes, got {passes}")
+    return int(passes)
+
+
 @dataclass(frozen=True)
 class Resolved:
     settings: UpscaleSettings
@@ -59,10 +66,8 @@ def resolve(method, *, size_multiple: int = 1, upsampling: str = AUTO, noise_ste
                              "latent)" + (", or choose latent up-sampling" if trained != "pixel" else ""))
         builtin_vae = True
     step = method.noise_step if noise_step == MODEL_NOISE_STEP else int(noise_step)
-    passes = method.shading_correction if shading_correction == MODEL_SHADING else int(shading_correction)
-    if not 0 <= passes <= MAX_SHADING_PASSES:
-        raise ValueError(f"shading_correction must be {MODEL_SHADING} (the model's) or 0–{MAX_SHADING_PASSES} "
-                         f"passes, got {passes}")
+    passes = check_shading_passes(method.shading_correction if shading_correction == MODEL_SHADING
+                                  else shading_correction)
     settings = UpscaleSettings(scale_factor=method.scale_factor, mode=mode,
                                noise_step=step, seed=seed, solver=solver or default_solver(method),
                                size_multiple=size_multiple, back_projection=method.back_projection,

@@ -27,7 +27,7 @@ def set_defaults(path: str | os.PathLike, **changes) -> dict:
     from fmboost.models.checkpoint import FORMAT_TAG, MethodSettings
     from fmboost.flow.schedule import check_step
     from fmboost.flow.solvers import SolverSettings
-    from fmboost.flow.settings import MAX_SHADING_PASSES
+    from fmboost.flow.settings import check_shading_passes
     path = Path(path)
     with safe_open(str(path), "pt") as f:
         meta = dict(f.metadata() or {})
@@ -37,8 +37,7 @@ def set_defaults(path: str | os.PathLike, **changes) -> dict:
     new = replace(method, **{k: v for k, v in changes.items() if v is not None})
     check_step(new.noise_step)  # refuses a step outside the schedule
     SolverSettings(new.solver, steps=new.solver_steps)  # refuses an unknown solver or a bad step count
-    if not 0 <= new.shading_correction <= MAX_SHADING_PASSES:
-        raise ValueError(f"shading_correction must be 0–{MAX_SHADING_PASSES} passes, got {new.shading_correction}")
+    check_shading_passes(new.shading_correction)  # refuses a pass count out of range
     training = json.loads(meta.get("fmboost.training", "{}"))
     training.setdefault("noise_step", method.noise_step)
     meta["fmboost.method"] = json.dumps(asdict(new))
