@@ -32,7 +32,7 @@ from _pack import REPO, load_pack  # noqa: E402
 
 load_pack()
 from fmboost.flow import MODES, SolverSettings, upscale  # noqa: E402
-from fmboost.flow.settings import AUTO, MODEL_NOISE_STEP, resolve  # noqa: E402
+from fmboost.flow.settings import AUTO, MODEL_NOISE_STEP, MODEL_SHADING, resolve, shading_label  # noqa: E402
 from fmboost.flow.source import make_source  # noqa: E402
 from fmboost.models import load_checkpoint  # noqa: E402
 from fmboost.models.taesd import TAESD  # noqa: E402
@@ -103,10 +103,13 @@ def methods(args, source_vae, cfm, cfm_ck, city96, regression):
     """name → function(raw low-res latent) → raw high-res latent; pixel-space sources go through `source_vae`."""
     s = 0.18215
 
-    def cfm_run(solver=None, step=MODEL_NOISE_STEP, upsampling=AUTO):
+    def cfm_settings(solver=None, step=MODEL_NOISE_STEP, upsampling=AUTO, shading=MODEL_SHADING):
         # flow.settings.resolve, as the node: the trained mode and step, the recommended solver, unless given
-        settings = resolve(cfm_ck.method, size_multiple=cfm_ck.net_config.size_multiple, upsampling=upsampling,
-                           noise_step=step, seed=0, solver=solver, have_vae=True).settings
+        return resolve(cfm_ck.method, size_multiple=cfm_ck.net_config.size_multiple, upsampling=upsampling,
+                       noise_step=step, seed=0, solver=solver, have_vae=True, shading_correction=shading).settings
+
+    def cfm_run(solver=None, step=MODEL_NOISE_STEP, upsampling=AUTO, shading=MODEL_SHADING):
+        settings = cfm_settings(solver, step, upsampling, shading)
         return lambda z: upscale(cfm, z, settings, vae=source_vae)
 
     out = {
@@ -128,10 +131,14 @@ def methods(args, source_vae, cfm, cfm_ck, city96, regression):
     # up-sampling mode, so that a model/mode mismatch shows in the table.
     rec = f"{cfm_ck.method.solver} {cfm_ck.method.solver_steps}"
     bp = f", back-projected {cfm_ck.method.back_projection:g}" if cfm_ck.method.back_projection else ""
-    passes = cfm_ck.method.shading_correction
-    sc = f", shading correction {passes}" if passes else ""
+    sc = shading_label(cfm_settings())
     defaults = f"(f) CFM node defaults ({cfm_ck.method.upsampling_mode} mode{bp}, {rec}, k={default_step}{sc})"
     out[defaults] = cfm_run()
+    if sc:  # what the model's correction is worth, and the TAESD pass a user can choose instead of a head
+        out[f"(f) CFM node defaults without shading correction (k={default_step})"] = cfm_run(shading=0)
+        if cfm_ck.method.shading_head:
+            out[f"(f) CFM node defaults, shading correction 1 instead of the head (k={default_step})"] = \
+                cfm_run(shading=1)
     for mode in MODES:
         out[f"(f) CFM {mode} mode ({rec}, k={default_step})"] = cfm_run(upsampling=mode)
     for evals in args.evals:
@@ -456,9 +463,9 @@ def main(argv=None):
     params = sum(v.numel() for v in cfm_ck.state_dict.values())
     info = (f"{params / 1e6:.2f} M parameters, {cfm_ck.method.upsampling_mode} mode, trained noise step "
             f"{cfm_ck.method.noise_step}")
-    if cfm_ck.method.shading_correction:
-        info += (f"; every CFM row with the model's shading correction ({cfm_ck.method.shading_correction} "
-                 "pass(es), `flow.shading`)")
+    if sc := shading_label(resolve(cfm_ck.method, have_vae=True).settings):
+        info += (f"; every other CFM row with the model's own correction ({sc[2:]}: `models.shading_head`, "
+                 "`flow.shading`)")
     text = markdown(results, args, info, ", ".join(str(min(c, len(images))) for c in counts))
     if args.flat:
         flat = flat_field(cfm, cfm_ck, vae)

@@ -266,7 +266,7 @@ def node_defaults(args) -> str:
     and in fp32. Returns a section for bench/RESULTS.md."""
     import torch.nn.functional as F
     from fmboost.flow.runtime import cpu_dtype
-    from fmboost.flow.settings import resolve
+    from fmboost.flow.settings import resolve, shading_label
     from fmboost.flow.source import make_source
     from fmboost.models.taesd import TAESD
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -296,15 +296,18 @@ def node_defaults(args) -> str:
             r = resolve(ck.method, size_multiple=ck.net_config.size_multiple)
             solver = r.settings.solver
             bp = f", back-projected {r.settings.back_projection:g}" if r.settings.back_projection else ""
-            passes = r.settings.shading_correction
-            sc = f", shading correction {passes}" if passes else ""
+            sc = shading_label(r.settings)
             label = (f"{path.name}, node defaults ({r.settings.mode} source{bp}, {solver.method} {solver.steps}, "
                      f"k={r.settings.noise_step}{sc})")
             rows[(label, name(dtype))] = best(lambda: upscale(net, latent, r.settings, vae=taesd, device=device))
-            if passes:
-                plain = dataclasses.replace(r.settings, shading_correction=0)
+            if sc:
+                plain = dataclasses.replace(r.settings, shading_correction=0, shading_head=False)
                 rows[(f"{path.name}, the same without shading correction", name(dtype))] = best(
                     lambda: upscale(net, latent, plain, vae=taesd, device=device))
+            if r.settings.shading_head:
+                taesd_pass = dataclasses.replace(r.settings, shading_correction=1, shading_head=False)
+                rows[(f"{path.name}, the same with shading correction 1 instead of the head", name(dtype))] = \
+                    best(lambda: upscale(net, latent, taesd_pass, vae=taesd, device=device))
     base = rows[(source, name(torch.float32))]
     lines = [f"## Node defaults speed ({datetime.date.today().isoformat()})", "",
              f"- machine: {cpu_name() if device.type == 'cpu' else torch.cuda.get_device_name(device)}, "

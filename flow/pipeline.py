@@ -53,6 +53,7 @@ class UpscaleSettings:
     size_multiple: int = 1
     back_projection: float = 0.0   # pixel mode: `source.back_project` strength, from the model
     shading_correction: int = 0    # passes of `shading.correct_shading` after the flow (0: none)
+    shading_head: bool = False     # run the model's learned shading head (`models.shading_head`) after the flow
 
 
 def item_noise(shape: Sequence[int], seed: int, batch_index: Sequence[int]) -> torch.Tensor:
@@ -111,15 +112,17 @@ def upscale(network: Network, latent: torch.Tensor, settings: UpscaleSettings, *
             device: torch.device | str | None = None, max_batch: Optional[int] = None,
             tile: Optional[int] = None, overlap: Optional[int] = None,
             before_window: Callable[[], None] = lambda: None,
-            shading_vae: Optional[PixelVAE] = None) -> torch.Tensor:
+            shading_vae: Optional[PixelVAE] = None,
+            shading_head: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """Raw VAE latent (B, C, h, w) → raw VAE latent (B, C, 2h, 2w), float32 on `device`.
 
     `max_batch` caps how many items are integrated together (memory); items are independent either way.
     `tile` (output latent pixels) runs the network on overlapping windows of that size (`tiling.TiledNetwork`);
     `before_window` is called before each window (cancellation inside a long tiled evaluation) and before each
     shading pass. `source`: the output of `build_source` for these arguments when the caller built it already
-    (then `vae` is not used for it). `settings.shading_correction` passes (`shading.correct_shading`) run on
-    the result with `shading_vae`, else `vae`."""
+    (then `vae` is not used for it). With `settings.shading_head`, the learned head (`shading_head`, else the
+    network's own `shading_head`) corrects the result; then `settings.shading_correction` passes
+    (`shading.correct_shading`) run on it with `shading_vae`, else `vae`."""
     check_latent(latent, latent_channels)
     step = check_step(settings.noise_step)
     device = torch.device(device) if device is not None else latent.device
@@ -127,6 +130,11 @@ def upscale(network: Network, latent: torch.Tensor, settings: UpscaleSettings, *
     if settings.shading_correction and shading_vae is None:
         raise InputError("shading correction needs a VAE to compare the shading with: pass one, or set "
                          "shading_correction to 0")
+    if shading_head is None:
+        shading_head = getattr(network, "shading_head", None)
+    if settings.shading_head and shading_head is None:
+        raise InputError("this model has no shading head: set shading_correction to 0, or to a number of "
+                         "TAESD passes")
     b = latent.shape[0]
     if batch_index is None:
         batch_index = list(range(b))
@@ -174,5 +182,8 @@ def upscale(network: Network, latent: torch.Tensor, settings: UpscaleSettings, *
 
         results.append(integrate(velocity, x0[rows], solver, on_eval))
     x1 = torch.cat(results, dim=0)[..., :out_h, :out_w]
+    if settings.shading_head:  # item by item: its activations are 24× the latent's
+        before_window()
+        x1 = torch.cat([shading_head(x1[i:i + 1], z_up[i:i + 1]).float() for i in range(b)])
     return correct_shading(shading_vae, latent.to(device, torch.float32), x1 / settings.scale_factor,
                            settings.shading_correction, before_pass=before_window)

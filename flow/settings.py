@@ -16,7 +16,8 @@ from .source import MODES
 AUTO = "auto"
 UPSAMPLING_CHOICES = (AUTO,) + MODES
 MODEL_NOISE_STEP = -1          # the node's "use the trained step"
-MODEL_SHADING = -1             # the node's "the passes the model recommends"
+MODEL_SHADING = -1             # the node's "the model's own correction": its shading head, if it has one, and
+#                                the TAESD passes it recommends
 MAX_SHADING_PASSES = 4
 
 
@@ -50,7 +51,9 @@ def resolve(method, *, size_multiple: int = 1, upsampling: str = AUTO, noise_ste
 
     `upsampling` "auto" takes the trained mode; another mode runs but reports the mismatch. Pixel mode without
     a connected VAE uses the pack's TAESD when the model was trained on TAESD-built sources, and otherwise
-    raises `MissingVAE` saying what to connect."""
+    raises `MissingVAE` saying what to connect. `shading_correction` −1 (`MODEL_SHADING`) takes the model's own
+    correction (its learned shading head when the file has one, then the TAESD passes it recommends); 0 turns
+    both off; 1–4 runs that many TAESD passes instead of the head."""
     if upsampling not in UPSAMPLING_CHOICES:
         raise ValueError(f"unknown up-sampling {upsampling!r}; choose one of {', '.join(UPSAMPLING_CHOICES)}")
     trained = method.upsampling_mode
@@ -66,10 +69,19 @@ def resolve(method, *, size_multiple: int = 1, upsampling: str = AUTO, noise_ste
                              "latent)" + (", or choose latent up-sampling" if trained != "pixel" else ""))
         builtin_vae = True
     step = method.noise_step if noise_step == MODEL_NOISE_STEP else int(noise_step)
-    passes = check_shading_passes(method.shading_correction if shading_correction == MODEL_SHADING
-                                  else shading_correction)
+    model_shading = shading_correction == MODEL_SHADING
+    passes = check_shading_passes(method.shading_correction if model_shading else shading_correction)
     settings = UpscaleSettings(scale_factor=method.scale_factor, mode=mode,
                                noise_step=step, seed=seed, solver=solver or default_solver(method),
                                size_multiple=size_multiple, back_projection=method.back_projection,
-                               shading_correction=passes)
+                               shading_correction=passes,
+                               shading_head=model_shading and method.shading_head)
     return Resolved(settings, mismatch, builtin_vae)
+
+
+def shading_label(settings: UpscaleSettings) -> str:
+    """How an upscale's shading is corrected, for tables and logs: ", shading head", ", shading correction 1",
+    both joined with " + ", or "" for none."""
+    parts = (["shading head"] if settings.shading_head else []) + (
+        [f"shading correction {settings.shading_correction}"] if settings.shading_correction else [])
+    return ", " + " + ".join(parts) if parts else ""

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .safe_pickle import CheckpointReadError, safe_torch_load, to_plain
+from .shading_head import ShadingHead, ShadingHeadConfig
 from .unet import CFMUNet, UNetConfig
 
 FORMAT_TAG = "fmboost-cfm"
@@ -25,6 +26,7 @@ SAFETENSORS_EXT = (".safetensors", ".sft")
 PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
 
 EMA_PREFIX = "ema_model.ema_model.net."
+HEAD_PREFIX = "shading_head."
 ONLINE_PREFIX = "model.net."
 # Prefixes a bare net state dict may carry (stripped in this order).
 BARE_PREFIXES = (EMA_PREFIX, ONLINE_PREFIX, "net.", "module.")
@@ -54,18 +56,24 @@ class MethodSettings:
     #                                      before the encode (`flow.source.back_project`); 0: models without
     shading_correction: int = 0          # recommended passes of `flow.shading.correct_shading` after the flow
     #                                      (0: none, the authors' models and models without the field)
+    shading_head: bool = False           # the file carries a learned shading head (`models.shading_head`), run
+    #                                      after the flow by default. Set by the loader from the file's tensors
     solver: str = "euler"                # recommended solver when none is connected
     solver_steps: int = 4                # ... and its integration steps
 
     @classmethod
     def from_dict(cls, d: dict) -> "MethodSettings":
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "shading_head"}
         if "upsampling_mode" in known:
             mode = UPSAMPLING_ALIASES.get(str(known["upsampling_mode"]))
             if mode is None:
                 raise ValueError(f"unknown upsampling_mode {known['upsampling_mode']!r}")
             known["upsampling_mode"] = mode
         return cls(**known)
+
+    def to_dict(self) -> dict:
+        """What the file stores; `shading_head` is not stored (the loader derives it from the tensors)."""
+        return {k: v for k, v in asdict(self).items() if k != "shading_head"}
 
 
 @dataclass
@@ -77,9 +85,13 @@ class CFMCheckpoint:
     method: MethodSettings
     state_dict: dict[str, torch.Tensor] = field(repr=False)
     config_source: str = "stored"    # "stored" | "sidecar" | "inferred" | "given"
+    head_config: ShadingHeadConfig | None = None   # the learned shading head's, when the file has one
 
     def build_network(self, dtype: torch.dtype | None = None) -> CFMUNet:
+        """The network, with its shading head (`net.shading_head`) when the file has one."""
         net = CFMUNet(self.net_config)
+        if self.head_config is not None:
+            net.shading_head = ShadingHead(self.head_config)
         load_state_strict(net, self.state_dict, self.path)
         net.eval().requires_grad_(False)
         if dtype is not None:
@@ -163,6 +175,7 @@ def _read_safetensors(path: str) -> tuple[dict, dict]:
                 "net": json.loads(raw_meta["fmboost.net_config"]),
                 "method": json.loads(raw_meta.get("fmboost.method", "{}")),
                 "weights": raw_meta.get("fmboost.weights", "single"),
+                "shading_head": json.loads(raw_meta.get("fmboost.shading_head", "null")),
             }
         except (KeyError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{_name(path)}: fmboost metadata is damaged ({e})") from e
@@ -173,10 +186,18 @@ def _from_our_metadata(path, tensors, meta) -> CFMCheckpoint:
     try:
         cfg = UNetConfig.from_dict(meta["net"])
         method = MethodSettings.from_dict(meta["method"])
+        head = ShadingHeadConfig.from_dict(meta["shading_head"]) if meta.get("shading_head") else None
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{_name(path)}: fmboost metadata is invalid ({e})") from e
+    has_head_tensors = any(k.startswith(HEAD_PREFIX) for k in tensors)
+    if has_head_tensors != (head is not None):
+        raise CheckpointError(f"{_name(path)}: " + ("shading head weights without their config in the metadata"
+                                                    if has_head_tensors else
+                                                    "the metadata names a shading head but its weights are missing"))
     _require_signature(path, tensors)
-    return CFMCheckpoint(path, "fmboost", meta["weights"], cfg, method, tensors)
+    # Whether the model has a head is the file's content, not a stored flag.
+    method = replace(method, shading_head=head is not None)
+    return CFMCheckpoint(path, "fmboost", meta["weights"], cfg, method, tensors, head_config=head)
 
 
 def _from_lightning(path, obj, weights) -> CFMCheckpoint:
@@ -325,7 +346,9 @@ def infer_unet_config(sd: dict, path="weights") -> UNetConfig:
 # ---------------------------------------------------------------------------------------------- writing
 
 def save_checkpoint(path: str | os.PathLike, state_dict: dict, net_config: UNetConfig, method: MethodSettings,
-                    dtype: torch.dtype | None = torch.float16, weights: str = "ema", extra: dict | None = None) -> None:
+                    dtype: torch.dtype | None = torch.float16, weights: str = "ema", extra: dict | None = None,
+                    head_config: ShadingHeadConfig | None = None) -> None:
+    """`state_dict`: the network's, with a shading head's `shading_head.*` tensors when `head_config` is given."""
     from safetensors.torch import save_file
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
                for k, v in state_dict.items()}
@@ -333,9 +356,11 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict, net_config: UNetC
         "fmboost.format": FORMAT_TAG,
         "fmboost.version": FORMAT_VERSION,
         "fmboost.net_config": json.dumps(net_config.to_dict()),
-        "fmboost.method": json.dumps(asdict(method)),
+        "fmboost.method": json.dumps(method.to_dict()),
         "fmboost.weights": weights,
     }
+    if head_config is not None:
+        meta["fmboost.shading_head"] = json.dumps(head_config.to_dict())
     for k, v in (extra or {}).items():
         meta[f"fmboost.{k}"] = v if isinstance(v, str) else json.dumps(v)
     save_file(tensors, os.fspath(path), metadata=meta)
@@ -349,3 +374,35 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, weights: str = "ema"
     save_checkpoint(dst, ckpt.state_dict, ckpt.net_config, ckpt.method, dtype=dtype, weights=ckpt.weights,
                     extra={"converted_from": _name(src)})
     return ckpt
+
+
+def rewrite_checkpoint(path: str | os.PathLike, dst: str | os.PathLike | None = None, *, method=None,
+                       tensors=None, metadata=None) -> dict:
+    """Rewrite an FMBoost `.safetensors` (to `dst`, default in place, atomically), keeping what is not changed.
+    `method(MethodSettings) → MethodSettings`, `tensors(dict) → dict` and `metadata(dict) → dict` (raw
+    `fmboost.*` strings) transform the parts; the result must still load. Returns the raw metadata written."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    path = Path(path)
+    dst = Path(dst) if dst is not None else path
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata() or {})
+    if meta.get("fmboost.format") != FORMAT_TAG:
+        raise ValueError(f"{path.name}: not an FMBoost model (no fmboost metadata)")
+    data = load_file(str(path))
+    if method is not None:
+        meta["fmboost.method"] = json.dumps(method(MethodSettings.from_dict(json.loads(meta["fmboost.method"])))
+                                            .to_dict())
+    if tensors is not None:
+        data = tensors(data)
+    if metadata is not None:
+        meta = metadata(meta)
+    tmp = dst.with_name(dst.stem + ".partial" + dst.suffix)
+    save_file({k: v.contiguous() for k, v in data.items()}, str(tmp), metadata=meta)
+    try:
+        load_checkpoint(tmp).build_network()   # refuse to leave a file that would not load
+    except Exception:
+        tmp.unlink()
+        raise
+    os.replace(tmp, dst)
+    return meta

@@ -176,6 +176,7 @@ class CFMUNet(nn.Module):
         super().__init__()
         config.check()
         self.config = config
+        self.shading_head = None   # a `models.shading_head.ShadingHead` when the checkpoint has one
         mc = config.model_channels
         emb_dim = 4 * mc
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))

@@ -100,6 +100,11 @@ class CFMModel:
         patcher.add_callback(CallbacksMP.ON_DETACH, lambda *_: model.release_prepared())
         return model
 
+    @property
+    def shading_head(self):
+        """The network's learned shading head (on the network's device), or None."""
+        return getattr(self.patcher.model, "shading_head", None)
+
     def release_prepared(self) -> None:
         if self._prepared is not None and hasattr(self._prepared[1], "release"):
             self._prepared[1].release()

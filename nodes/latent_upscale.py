@@ -58,12 +58,13 @@ class CFMLatentUpscale(io.ComfyNode):
                                      "output latent pixels (8 pixels each), blended across their overlaps."),
                 io.Int.Input("shading_correction", default=MODEL_SHADING, min=MODEL_SHADING,
                              max=MAX_SHADING_PASSES, optional=True,
-                             tooltip="Passes that pull the result's large-scale shading and colour back to the "
-                                     "low-res image's (a 2-pixel blur of it, bicubic ×2), leaving the detail: "
-                                     "fixes colour casts and brightness drift. Each pass decodes the result once "
-                                     "and encodes it twice with the pack's TAESD (milliseconds on a GPU, "
-                                     "seconds on a CPU). -1: what the model recommends (1 for the shipped "
-                                     "model); 0: off."),
+                             tooltip="Pulls the result's large-scale shading and colour back to the low-res "
+                                     "image's (a 2-pixel blur of it, bicubic ×2), leaving the detail: fixes "
+                                     "colour casts and brightness drift. -1: the model's own correction (the "
+                                     "shipped model: 1 pass; a model file with a learned shading head runs "
+                                     "that instead). 0: off. 1–4: passes of the TAESD correction; each decodes "
+                                     "the result once and encodes it twice with the pack's TAESD (milliseconds "
+                                     "on a GPU, seconds on a CPU)."),
             ],
             outputs=[io.Latent.Output(tooltip="The latent at twice the height and width.")],
         )
@@ -109,7 +110,7 @@ class CFMLatentUpscale(io.ComfyNode):
                                    latent_channels=cfm_model.net_config.latent_channels, on_progress=reporter,
                                    device=plan.device, max_batch=plan.max_batch, tile=tile,
                                    before_window=mm.throw_exception_if_processing_interrupted,
-                                   shading_vae=shading_vae)
+                                   shading_vae=shading_vae, shading_head=cfm_model.shading_head)
 
             out = run_with_smaller_tiles(run, plan.tile, max(height, width), cfm_model.net_config.size_multiple,
                                          cfm_model.min_tile, on_oom=mm.soft_empty_cache,
@@ -134,7 +135,7 @@ class CFMLatentUpscale(io.ComfyNode):
         info = {"input": list(latent.shape), "output": list(result["samples"].shape), "seconds": round(seconds, 3),
                 "evaluations": reporter.bar.current, "upsampling": settings.mode,
                 "noise_augmentation": settings.noise_step, "solver": f"{solver.method} {solver.steps}",
-                "shading_correction": settings.shading_correction,
+                "shading_correction": settings.shading_correction, "shading_head": settings.shading_head,
                 # The memory plan, which free memory decides when tile_size is 0. Windows change the image
                 # within invisible distance (tested); the items per call leave it unchanged on the CPU (tested),
                 # while a GPU may pick other kernels for another batch size and differ in the last bits.

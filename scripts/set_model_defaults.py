@@ -12,8 +12,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import asdict, replace
-from pathlib import Path
+from dataclasses import replace
 
 from _pack import load_pack
 
@@ -22,31 +21,27 @@ def set_defaults(path: str | os.PathLike, **changes) -> dict:
     """Rewrite the method metadata of an FMBoost .safetensors with `changes` (MethodSettings fields); returns
     the new method. The training record keeps the noise step the model was trained with."""
     load_pack()
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-    from fmboost.models.checkpoint import FORMAT_TAG, MethodSettings
+    from fmboost.models.checkpoint import rewrite_checkpoint
     from fmboost.flow.schedule import check_step
     from fmboost.flow.solvers import SolverSettings
     from fmboost.flow.settings import check_shading_passes
-    path = Path(path)
-    with safe_open(str(path), "pt") as f:
-        meta = dict(f.metadata() or {})
-    if meta.get("fmboost.format") != FORMAT_TAG:
-        raise ValueError(f"{path.name}: not an FMBoost model (no fmboost metadata)")
-    method = MethodSettings.from_dict(json.loads(meta["fmboost.method"]))
-    new = replace(method, **{k: v for k, v in changes.items() if v is not None})
-    check_step(new.noise_step)  # refuses a step outside the schedule
-    SolverSettings(new.solver, steps=new.solver_steps)  # refuses an unknown solver or a bad step count
-    check_shading_passes(new.shading_correction)  # refuses a pass count out of range
-    training = json.loads(meta.get("fmboost.training", "{}"))
-    training.setdefault("noise_step", method.noise_step)
-    meta["fmboost.method"] = json.dumps(asdict(new))
-    meta["fmboost.training"] = json.dumps(training)
-    tensors = load_file(str(path))
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return asdict(new)
+    result = {}
+
+    def change(method):
+        new = replace(method, **{k: v for k, v in changes.items() if v is not None})
+        check_step(new.noise_step)  # refuses a step outside the schedule
+        SolverSettings(new.solver, steps=new.solver_steps)  # refuses an unknown solver or a bad step count
+        check_shading_passes(new.shading_correction)  # refuses a pass count out of range
+        result["old"], result["new"] = method, new
+        return new
+
+    def keep_trained_step(meta):
+        training = json.loads(meta.get("fmboost.training", "{}"))
+        training.setdefault("noise_step", result["old"].noise_step)
+        return {**meta, "fmboost.training": json.dumps(training)}
+
+    rewrite_checkpoint(path, method=change, metadata=keep_trained_step)
+    return result["new"].to_dict()
 
 
 def main(argv=None) -> int:

@@ -224,6 +224,7 @@ def test_shading_correction_keeps_the_shading_of_a_bicubic_resize(fresh_server):
         entry = fresh_server.run(prompt)
         assert entry["status"]["status_str"] == "success", execution_error(entry)
         assert entry["outputs"]["5"]["fmboost"][0]["shading_correction"] == 1
+        assert entry["outputs"]["5"]["fmboost"][0]["shading_head"] is False   # the shipped model has none
         assert entry["outputs"]["25"]["fmboost"][0]["shading_correction"] == 0
         images = {k: read_image(fresh_server, entry, node) for k, node in (("on", "7"), ("off", "27"),
                                                                            ("bicubic", "22"))}

@@ -1,0 +1,181 @@
+"""The learned shading head (models.shading_head): stored in the model's file, chosen by `shading_correction`,
+run after the flow; the shipped model's head does the TAESD correction's work."""
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fmboost.flow import InputError, SolverSettings, UpscaleSettings, upscale
+from fmboost.flow.settings import resolve
+from fmboost.flow.shading import correct_shading
+from fmboost.models import CheckpointError, MethodSettings, UNetConfig, load_checkpoint, save_checkpoint
+from fmboost.models.checkpoint import HEAD_PREFIX, rewrite_checkpoint
+from fmboost.models.shading_head import ShadingHead, ShadingHeadConfig
+from fmboost.models.taesd import TAESD
+from fmboost.models.unet import CFMUNet
+from support import REPO
+
+TINY = UNetConfig(model_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(2,),
+                  num_heads=2, dim_head=16)
+SHIPPED = REPO / "weights" / "cfm" / "fmboost-sd15-x2.safetensors"
+
+
+def random_head(seed=0, config=ShadingHeadConfig(channels=8, depth=2)):
+    torch.manual_seed(seed)
+    head = ShadingHead(config)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    return head.eval().requires_grad_(False)
+
+
+def with_head(tmp_path, head):
+    torch.manual_seed(1)
+    net = CFMUNet(TINY).eval()
+    path = tmp_path / "m.safetensors"
+    sd = {**net.state_dict(), **{HEAD_PREFIX + k: v for k, v in head.state_dict().items()}}
+    save_checkpoint(path, sd, TINY, MethodSettings(upsampling_mode="latent"), dtype=None, head_config=head.config)
+    return path, net
+
+
+def test_an_untrained_head_changes_nothing():
+    head = ShadingHead(ShadingHeadConfig(channels=8, depth=2))
+    x1, src = torch.randn(2, 4, 12, 10), torch.randn(2, 4, 12, 10)
+    assert torch.equal(head(x1, src), x1)
+
+
+def test_the_head_travels_in_the_models_file(tmp_path):
+    head = random_head()
+    path, net = with_head(tmp_path, head)
+    ck = load_checkpoint(path)
+    assert ck.method.shading_head and ck.head_config == head.config
+    built = ck.build_network()
+    x1, src = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    torch.testing.assert_close(built.shading_head(x1, src), head(x1, src), atol=0, rtol=0)
+    # the stored method does not claim a head; the loader derives it from the tensors
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        assert "shading_head" not in json.loads(f.metadata()["fmboost.method"])
+    # without one: no head, and the flag is false even if a file's method JSON says otherwise
+    plain = tmp_path / "plain.safetensors"
+    save_checkpoint(plain, net.state_dict(), TINY, dataclasses.replace(ck.method, shading_head=True), dtype=None)
+    assert not load_checkpoint(plain).method.shading_head
+    assert load_checkpoint(plain).build_network().shading_head is None
+
+
+def test_a_head_without_its_config_or_weights_is_refused(tmp_path):
+    path, _ = with_head(tmp_path, random_head())
+    tensors = load_file(path)
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    no_config = tmp_path / "no_config.safetensors"
+    save_file(tensors, str(no_config), metadata={k: v for k, v in meta.items() if k != "fmboost.shading_head"})
+    with pytest.raises(CheckpointError, match="shading head weights without their config"):
+        load_checkpoint(no_config)
+    no_weights = tmp_path / "no_weights.safetensors"
+    save_file({k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}, str(no_weights), metadata=meta)
+    with pytest.raises(CheckpointError, match="its weights are missing"):
+        load_checkpoint(no_weights)
+
+
+def test_rewriting_a_model_keeps_its_head(tmp_path):
+    path, _ = with_head(tmp_path, random_head())
+    before = load_file(path)
+    rewrite_checkpoint(path, method=lambda m: dataclasses.replace(m, noise_step=300))
+    ck = load_checkpoint(path)
+    assert ck.method.noise_step == 300 and ck.method.shading_head
+    after = load_file(path)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_shading_correction_chooses_the_head_or_taesd_passes():
+    method = MethodSettings(upsampling_mode="latent", shading_head=True, shading_correction=0)
+    pick = lambda v: (lambda s: (s.shading_head, s.shading_correction))(  # noqa: E731
+        resolve(method, shading_correction=v).settings)
+    assert pick(-1) == (True, 0)        # the model's own: its head
+    assert pick(0) == (False, 0)        # off
+    assert pick(2) == (False, 2)        # TAESD passes instead
+    both = dataclasses.replace(method, shading_correction=1)
+    assert (resolve(both).settings.shading_head, resolve(both).settings.shading_correction) == (True, 1)
+    assert not resolve(dataclasses.replace(method, shading_head=False)).settings.shading_head
+
+
+@torch.inference_mode()
+def test_upscale_runs_the_head_on_the_flows_result(tmp_path):
+    head = random_head()
+    path, _ = with_head(tmp_path, head)
+    net = load_checkpoint(path).build_network()
+    latent = torch.randn(3, 4, 6, 8)
+    s = UpscaleSettings(mode="latent", noise_step=100, seed=5, solver=SolverSettings("euler", steps=2))
+    plain = upscale(net, latent, s)
+    on = upscale(net, latent, dataclasses.replace(s, shading_head=True))
+    source = torch.nn.functional.interpolate(latent * s.scale_factor, scale_factor=2, mode="bilinear")
+    expect = head(plain * s.scale_factor, source) / s.scale_factor
+    torch.testing.assert_close(on, expect, atol=1e-5, rtol=1e-5)
+    assert (on - plain).abs().mean() > 1e-3
+    # each item alone as in its batch (the head is local and per item)
+    alone = upscale(net, latent[1:2], dataclasses.replace(s, shading_head=True), batch_index=[1])
+    torch.testing.assert_close(alone, on[1:2], atol=1e-4, rtol=1e-4)
+    # an explicit head wins over the network's; none at all is a clear error
+    other = random_head(seed=7)
+    torch.testing.assert_close(upscale(net, latent, dataclasses.replace(s, shading_head=True), shading_head=other),
+                               other(plain * s.scale_factor, source) / s.scale_factor, atol=1e-5, rtol=1e-5)
+    net.shading_head = None
+    with pytest.raises(InputError, match="no shading head"):
+        upscale(net, latent, dataclasses.replace(s, shading_head=True))
+
+
+def test_training_fits_a_known_move():
+    """train_head on pairs whose move is a fixed linear map of (source − result): the loss falls to a small
+    part of the move's energy, and the trained head reproduces the move on new pairs."""
+    from fmboost.training.shading_head import train_head
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(4, 4, generator=g) * 0.3
+
+    def pairs(n):
+        out, src = torch.randn(n, 4, 16, 16, generator=g), torch.randn(n, 4, 16, 16, generator=g)
+        return {"out": out, "src": src, "dz": torch.einsum("ij,njhw->nihw", mix, src - out)}
+
+    head = train_head(pairs(64), ShadingHeadConfig(channels=16, depth=2), steps=300, batch=16, lr=5e-3,
+                      precision="fp32", log=None)
+    test = pairs(8)
+    with torch.no_grad():
+        err = (head.delta(test["out"], test["src"]) - test["dz"])[..., 1:-1, 1:-1].pow(2).mean()
+    assert err < 0.05 * test["dz"].pow(2).mean(), (err, test["dz"].pow(2).mean())
+
+
+def test_the_training_command_writes_a_model_that_runs_its_head(tmp_path):
+    """scripts/train_shading_head.py on two training photos with a tiny head: the pairs are the TAESD
+    correction's moves of the model's own results; the written model loads with its head, recommends it in
+    place of TAESD passes, keeps the network's weights; a second run reuses the pairs."""
+    import subprocess
+    import sys
+    from support import SHARED, require_shared
+    photos = require_shared(SHARED / "data" / "photos" / "train")
+    recipe = json.loads((REPO / "training" / "recipes" / "shading-head.json").read_text())
+    recipe.update(images=str(photos), max_images=2, channels=8, depth=2, steps=30, batch=4)
+    (tmp_path / "r.json").write_text(json.dumps(recipe))
+    out = tmp_path / "with-head.safetensors"
+    cmd = [sys.executable, str(REPO / "scripts" / "train_shading_head.py"), "--config", str(tmp_path / "r.json"),
+           "--model", str(SHIPPED), "--out", str(out), "--work-dir", str(tmp_path / "work"), "--threads", "1"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    ck, shipped = load_checkpoint(out), load_checkpoint(SHIPPED)
+    assert ck.method.shading_head and ck.method.shading_correction == 0
+    assert ck.head_config == ShadingHeadConfig(channels=8, depth=2)
+    assert all(torch.equal(ck.state_dict[k], v) for k, v in shipped.state_dict.items())
+    assert resolve(ck.method, have_vae=True).settings.shading_head
+    # the pairs: one TAESD pass's move of the flow's result, in network space
+    (pairs_file,) = (tmp_path / "work").glob("pairs-*.pt")
+    pairs = torch.load(pairs_file, weights_only=True)
+    assert pairs["out"].shape == (4, 4, 32, 32) and pairs["low"].shape == (4, 4, 16, 16)
+    vae = TAESD.from_folder(REPO / "weights" / "taesd")
+    s = shipped.method.scale_factor
+    with torch.inference_mode():
+        move = correct_shading(vae, pairs["low"][:1], pairs["out"][:1] / s, 1) * s - pairs["out"][:1]
+    torch.testing.assert_close(move, pairs["dz"][:1], atol=1e-4, rtol=1e-4)
+    assert pairs["dz"].abs().mean() > 0.01
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and f"from {pairs_file.name}" in second.stdout, second.stdout + second.stderr
