@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train a model's learned shading head (training/shading_head.py) and write the model with it.
 
-    .venv/bin/python scripts/train_shading_head.py --config training/recipes/shading-head.json \\
+    .venv/bin/python scripts/train_shading_head.py --config training/recipes/heads/shading-head.json \\
         --model weights/cfm/fmboost-sd15-x2.safetensors --out OUT.safetensors --work-dir ../fmboost-runs/head
 
 The pairs (the model's own results on training crops and the TAESD correction's moves) are saved in

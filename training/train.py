@@ -260,10 +260,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
     net = CFMUNet(UNetConfig.from_dict(cfg.net)).to(device)
     if cfg.init and not (run_dir / "last.pt").exists():
         from ..models import load_checkpoint
-        from ..models.checkpoint import load_state_strict
-        load_state_strict(net, {k: v.float() for k, v in load_checkpoint(cfg.init).state_dict.items()}, cfg.init)
+        from ..models.checkpoint import HEAD_PREFIX, load_state_strict
+        init = load_checkpoint(cfg.init)
+        # A shading head learned the old network's drift: the trained network gets none (train a new one).
+        load_state_strict(net, {k: v.float() for k, v in init.state_dict.items() if not k.startswith(HEAD_PREFIX)},
+                          cfg.init)
         if rank == 0:
-            log(f"warm start from {os.path.basename(cfg.init)}")
+            log(f"warm start from {os.path.basename(cfg.init)}"
+                + (" (its shading head is not carried over)" if init.head_config is not None else ""))
     net.grad_checkpointing = cfg.grad_checkpointing
     ema = EMA(net, cfg.ema)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -154,7 +154,7 @@ def test_the_training_command_writes_a_model_that_runs_its_head(tmp_path):
     import sys
     from support import SHARED, require_shared
     photos = require_shared(SHARED / "data" / "photos" / "train")
-    recipe = json.loads((REPO / "training" / "recipes" / "shading-head.json").read_text())
+    recipe = json.loads((REPO / "training" / "recipes" / "heads" / "shading-head.json").read_text())
     recipe.update(images=str(photos), max_images=2, channels=8, depth=2, steps=30, batch=4)
     (tmp_path / "r.json").write_text(json.dumps(recipe))
     out = tmp_path / "with-head.safetensors"
@@ -179,3 +179,17 @@ def test_the_training_command_writes_a_model_that_runs_its_head(tmp_path):
     assert pairs["dz"].abs().mean() > 0.01
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and f"from {pairs_file.name}" in second.stdout, second.stdout + second.stderr
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "training" / "recipes" / "heads").glob("*.json")),
+                         ids=lambda p: p.stem)
+def test_every_head_recipe_has_what_the_command_reads(recipe):
+    settings = json.loads(recipe.read_text())
+    assert settings.pop("comment", "").strip(), "a recipe says what it is for"
+    assert {"images", "vae", "crop", "crops_per_image", "noise_steps", "channels", "depth", "steps", "batch",
+            "lr"} <= set(settings)
+    known = {"images", "vae", "max_images", "crop", "crops_per_image", "noise_steps", "precision", "channels",
+             "depth", "steps", "batch", "lr", "mean_weight", "shuffle_seed", "seed"}
+    assert set(settings) <= known, set(settings) - known
+    assert (REPO / settings["vae"]).is_dir() and settings["crop"] % 16 == 0
+    ShadingHeadConfig(channels=settings["channels"], depth=settings["depth"])

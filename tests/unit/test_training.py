@@ -69,6 +69,26 @@ def test_train_writes_a_loadable_model_validation_and_reports_bad_images(photos,
     assert grid.size == (4 * 64, 2 * 64)  # low | bilinear | model | truth, one row per val image
 
 
+def test_a_warm_start_from_a_model_with_a_shading_head_leaves_the_head_behind(photos, tmp_path):
+    """The head learned the old network's drift: the retrained network is written without one, and the
+    warm start says so."""
+    from fmboost.models.checkpoint import HEAD_PREFIX, rewrite_checkpoint
+    from fmboost.models.shading_head import ShadingHead, ShadingHeadConfig
+    train(config(photos, tmp_path / "a", steps=2), log=lambda _: None)
+    head = ShadingHead(ShadingHeadConfig(channels=8, depth=2))
+    init = tmp_path / "init.safetensors"
+    rewrite_checkpoint(tmp_path / "a" / "model.safetensors", init,
+                       tensors=lambda t: {**t, **{HEAD_PREFIX + k: v for k, v in head.state_dict().items()}},
+                       metadata=lambda m: {**m, "fmboost.shading_head": json.dumps(head.config.to_dict())})
+    assert load_checkpoint(init).method.shading_head
+    logs = []
+    train(config(photos, tmp_path / "b", steps=2, init=str(init)), log=logs.append)
+    assert any("warm start from init.safetensors (its shading head is not carried over)" in l for l in logs)
+    out = load_checkpoint(tmp_path / "b" / "model.safetensors")
+    assert not out.method.shading_head and out.head_config is None
+    assert not any(k.startswith(HEAD_PREFIX) for k in out.state_dict)
+
+
 def test_resume_continues_from_the_last_step(photos, tmp_path):
     train(config(photos, tmp_path, steps=4))
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
