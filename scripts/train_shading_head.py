@@ -73,7 +73,7 @@ def main(argv=None) -> int:
                            seed=recipe.get("seed", 0))
         torch.save(pairs, pairs_file)
     pair_seconds = time.time() - started
-    config = ShadingHeadConfig(channels=recipe["channels"], depth=recipe["depth"])
+    config = ShadingHeadConfig(channels=recipe["channels"], depth=recipe["depth"], pool=recipe.get("pool", 0))
     started = time.time()
     head = train_head(pairs, config, steps=recipe["steps"], batch=recipe["batch"], lr=recipe["lr"],
                       mean_weight=recipe.get("mean_weight", 0.0), seed=recipe.get("seed", 0),

@@ -45,8 +45,27 @@ def test_an_untrained_head_changes_nothing():
     assert torch.equal(head(x1, src), x1)
 
 
-def test_the_head_travels_in_the_models_file(tmp_path):
-    head = random_head()
+def test_a_pooled_head_runs_on_any_size_and_sees_farther():
+    """pool 4: a branch at a quarter of the resolution. It runs on sizes that 4 does not divide, even smaller
+    than 4, and a change far outside the plain head's receptive field reaches its output."""
+    pooled = random_head(config=ShadingHeadConfig(channels=8, depth=2, pool=4))
+    plain = random_head(config=ShadingHeadConfig(channels=8, depth=2))
+    for h, w in ((13, 10), (3, 5), (32, 32)):
+        x1, src = torch.randn(1, 4, h, w), torch.randn(1, 4, h, w)
+        assert pooled(x1, src).shape == (1, 4, h, w)
+    assert torch.equal(ShadingHead(ShadingHeadConfig(channels=8, depth=2, pool=4))(x1, src), x1)
+    far = src.clone()
+    far[..., 18:, 18:] += 1.0        # 11 px from the corner block: beyond the plain head's 5 × 5 view
+    for head, reaches in ((pooled, True), (plain, False)):
+        moved = (head(x1, far) - head(x1, src))[..., :8, :8].abs().max().item()
+        assert (moved > 1e-6) == reaches, (head.config, moved)
+    with pytest.raises(ValueError):
+        ShadingHeadConfig.from_dict({"pool": 1})
+
+
+@pytest.mark.parametrize("pool", [0, 4])
+def test_the_head_travels_in_the_models_file(tmp_path, pool):
+    head = random_head(config=ShadingHeadConfig(channels=8, depth=2, pool=pool))
     path, net = with_head(tmp_path, head)
     ck = load_checkpoint(path)
     assert ck.method.shading_head and ck.head_config == head.config
@@ -189,7 +208,7 @@ def test_every_head_recipe_has_what_the_command_reads(recipe):
     assert {"images", "vae", "crop", "crops_per_image", "noise_steps", "channels", "depth", "steps", "batch",
             "lr"} <= set(settings)
     known = {"images", "vae", "max_images", "crop", "crops_per_image", "noise_steps", "precision", "channels",
-             "depth", "steps", "batch", "lr", "mean_weight", "shuffle_seed", "seed"}
+             "depth", "pool", "steps", "batch", "lr", "mean_weight", "shuffle_seed", "seed"}
     assert set(settings) <= known, set(settings) - known
     assert (REPO / settings["vae"]).is_dir() and settings["crop"] % 16 == 0
-    ShadingHeadConfig(channels=settings["channels"], depth=settings["depth"])
+    ShadingHeadConfig.from_dict(settings)
