@@ -49,7 +49,6 @@ def main(argv=None) -> int:
     ckpt = load_checkpoint(args.model)
     precision = torch.bfloat16 if recipe.get("precision", "bf16") == "bf16" else torch.float32
     network = ckpt.build_network(precision)
-    network.shading_head = None            # the pairs are the flow's own results
     vae_ref = TAESD.from_folder(resolve_path(recipe["vae"]))
     vae_run = TAESD.from_folder(resolve_path(recipe["vae"])).set_precision(precision)
     paths = scan_images(resolve_path(recipe["images"]), recipe["crop"]).usable

@@ -46,6 +46,7 @@ def make_pairs(ckpt, network, vae_ref, vae_run, paths: list[Path], *, crop: int 
     latents and the correction; `vae_run`: the TAESD that builds the sources, in the network's precision. The
     first crop of each image uses the model's own noise step, the others one of `noise_steps`, so the head
     also serves the "more detail" settings."""
+    # shading_correction 0: no TAESD pass and no head (a network that has one keeps it unused here)
     base = resolve(ckpt.method, size_multiple=ckpt.net_config.size_multiple, have_vae=True,
                    shading_correction=0).settings
     rows: dict[str, list] = {k: [] for k in PAIR_KEYS}
