@@ -14,6 +14,7 @@ Writes a section of bench/RESULTS.md and an image grid per size.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -32,7 +33,7 @@ from _pack import REPO, load_pack  # noqa: E402
 
 load_pack()
 from fmboost.flow import MODES, SolverSettings, upscale  # noqa: E402
-from fmboost.flow.settings import AUTO, MODEL_NOISE_STEP, MODEL_SHADING, resolve, shading_label  # noqa: E402
+from fmboost.flow.settings import AUTO, HEAD_ONLY, MODEL_NOISE_STEP, MODEL_SHADING, resolve, shading_label  # noqa: E402
 from fmboost.flow.source import make_source  # noqa: E402
 from fmboost.models import load_checkpoint  # noqa: E402
 from fmboost.models.taesd import TAESD  # noqa: E402
@@ -108,8 +109,10 @@ def methods(args, source_vae, cfm, cfm_ck, city96, regression):
         return resolve(cfm_ck.method, size_multiple=cfm_ck.net_config.size_multiple, upsampling=upsampling,
                        noise_step=step, seed=0, solver=solver, have_vae=True, shading_correction=shading).settings
 
-    def cfm_run(solver=None, step=MODEL_NOISE_STEP, upsampling=AUTO, shading=MODEL_SHADING):
+    def cfm_run(solver=None, step=MODEL_NOISE_STEP, upsampling=AUTO, shading=MODEL_SHADING, head=None):
         settings = cfm_settings(solver, step, upsampling, shading)
+        if head is not None:  # the head switched off (no node setting does that alone: what the head is worth)
+            settings = dataclasses.replace(settings, shading_head=head)
         return lambda z: upscale(cfm, z, settings, vae=source_vae)
 
     out = {
@@ -134,11 +137,14 @@ def methods(args, source_vae, cfm, cfm_ck, city96, regression):
     sc = shading_label(cfm_settings())
     defaults = f"(f) CFM node defaults ({cfm_ck.method.upsampling_mode} mode{bp}, {rec}, k={default_step}{sc})"
     out[defaults] = cfm_run()
-    if sc:  # what the model's correction is worth, and the TAESD pass a user can choose instead of a head
+    if sc:  # what the model's correction is worth, and what its head and its TAESD passes are worth alone
         out[f"(f) CFM node defaults without shading correction (k={default_step})"] = cfm_run(shading=0)
         if cfm_ck.method.shading_head:
-            out[f"(f) CFM node defaults, shading correction 1 instead of the head (k={default_step})"] = \
-                cfm_run(shading=1)
+            out[f"(f) CFM node defaults, the head alone (shading_correction {HEAD_ONLY}, k={default_step})"] = \
+                cfm_run(shading=HEAD_ONLY)
+            passes = max(1, cfm_ck.method.shading_correction)
+            out[f"(f) CFM node defaults, {passes} TAESD pass{'es' if passes > 1 else ''} without the head "
+                f"(k={default_step})"] = cfm_run(shading=passes, head=False)
     for mode in MODES:
         out[f"(f) CFM {mode} mode ({rec}, k={default_step})"] = cfm_run(upsampling=mode)
     for evals in args.evals:

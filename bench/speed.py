@@ -305,9 +305,13 @@ def node_defaults(args) -> str:
                 rows[(f"{path.name}, the same without shading correction", name(dtype))] = best(
                     lambda: upscale(net, latent, plain, vae=taesd, device=device))
             if r.settings.shading_head:
-                taesd_pass = dataclasses.replace(r.settings, shading_correction=1, shading_head=False)
-                rows[(f"{path.name}, the same with shading correction 1 instead of the head", name(dtype))] = \
-                    best(lambda: upscale(net, latent, taesd_pass, vae=taesd, device=device))
+                head = dataclasses.replace(r.settings, shading_correction=0)
+                rows[(f"{path.name}, the same with the head alone (shading_correction -2)", name(dtype))] = \
+                    best(lambda: upscale(net, latent, head, device=device))
+                passes = max(1, r.settings.shading_correction)
+                taesd_pass = dataclasses.replace(r.settings, shading_correction=passes, shading_head=False)
+                rows[(f"{path.name}, the same with {passes} TAESD pass{'es' if passes > 1 else ''} and no head",
+                      name(dtype))] = best(lambda: upscale(net, latent, taesd_pass, vae=taesd, device=device))
     base = rows[(source, name(torch.float32))]
     lines = [f"## Node defaults speed ({datetime.date.today().isoformat()})", "",
              f"- machine: {cpu_name() if device.type == 'cpu' else torch.cuda.get_device_name(device)}, "

@@ -18,6 +18,7 @@ UPSAMPLING_CHOICES = (AUTO,) + MODES
 MODEL_NOISE_STEP = -1          # the node's "use the trained step"
 MODEL_SHADING = -1             # the node's "the model's own correction": its shading head, if it has one, and
 #                                the TAESD passes it recommends
+HEAD_ONLY = -2                 # the node's "the model's shading head alone, no TAESD pass": fast on a CPU
 MAX_SHADING_PASSES = 4
 
 
@@ -52,8 +53,9 @@ def resolve(method, *, size_multiple: int = 1, upsampling: str = AUTO, noise_ste
     `upsampling` "auto" takes the trained mode; another mode runs but reports the mismatch. Pixel mode without
     a connected VAE uses the pack's TAESD when the model was trained on TAESD-built sources, and otherwise
     raises `MissingVAE` saying what to connect. `shading_correction` −1 (`MODEL_SHADING`) takes the model's own
-    correction (its learned shading head when the file has one, then the TAESD passes it recommends); 0 turns
-    both off; 1–4 runs that many TAESD passes instead of the head."""
+    correction (its learned shading head when the file has one, then the TAESD passes it recommends); 1–4: the
+    head, when the file has one, then that many TAESD passes; −2 (`HEAD_ONLY`): the head alone (a model without
+    one is refused); 0 turns both off."""
     if upsampling not in UPSAMPLING_CHOICES:
         raise ValueError(f"unknown up-sampling {upsampling!r}; choose one of {', '.join(UPSAMPLING_CHOICES)}")
     trained = method.upsampling_mode
@@ -69,13 +71,21 @@ def resolve(method, *, size_multiple: int = 1, upsampling: str = AUTO, noise_ste
                              "latent)" + (", or choose latent up-sampling" if trained != "pixel" else ""))
         builtin_vae = True
     step = method.noise_step if noise_step == MODEL_NOISE_STEP else int(noise_step)
-    model_shading = shading_correction == MODEL_SHADING
-    passes = check_shading_passes(method.shading_correction if model_shading else shading_correction)
+    if shading_correction == HEAD_ONLY:
+        if not method.shading_head:
+            raise ValueError(f"shading_correction {HEAD_ONLY} runs the model's learned shading head alone, and "
+                             "this model has none: use -1 (the model's own correction), 0 (off) or 1–"
+                             f"{MAX_SHADING_PASSES} TAESD passes")
+        head, passes = True, 0
+    else:
+        passes = check_shading_passes(method.shading_correction if shading_correction == MODEL_SHADING
+                                      else shading_correction)
+        head = method.shading_head and (passes > 0 or shading_correction == MODEL_SHADING)
     settings = UpscaleSettings(scale_factor=method.scale_factor, mode=mode,
                                noise_step=step, seed=seed, solver=solver or default_solver(method),
                                size_multiple=size_multiple, back_projection=method.back_projection,
                                shading_correction=passes,
-                               shading_head=model_shading and method.shading_head)
+                               shading_head=head)
     return Resolved(settings, mismatch, builtin_vae)
 
 

@@ -404,5 +404,7 @@ def rewrite_checkpoint(path: str | os.PathLike, dst: str | os.PathLike | None = 
     except Exception:
         tmp.unlink()
         raise
+    # safetensors writes owner-only files; keep the permissions the model had (ComfyUI may run as another user)
+    os.chmod(tmp, (dst if dst.exists() else path).stat().st_mode & 0o7777)
     os.replace(tmp, dst)
     return meta

@@ -9,7 +9,8 @@ from comfy_api.latest import io
 
 from ..flow import EvaluationBudgetExceeded, InputError, upscale
 from ..flow.pipeline import build_source, check_latent
-from ..flow.settings import AUTO, MAX_SHADING_PASSES, MODEL_NOISE_STEP, MODEL_SHADING, UPSAMPLING_CHOICES, resolve
+from ..flow.settings import (AUTO, HEAD_ONLY, MAX_SHADING_PASSES, MODEL_NOISE_STEP, MODEL_SHADING,
+                             UPSAMPLING_CHOICES, resolve)
 from ..flow.source import upsample_mask
 from ..flow.tiling import run_with_smaller_tiles
 from .comfy_model import CFMModel, ComfyVAE, ProgressReporter, builtin_taesd
@@ -56,15 +57,16 @@ class CFMLatentUpscale(io.ComfyNode):
                                      "the largest windows that fit (and smaller ones after an out-of-memory). "
                                      "Otherwise: run the network on overlapping windows of at most this many "
                                      "output latent pixels (8 pixels each), blended across their overlaps."),
-                io.Int.Input("shading_correction", default=MODEL_SHADING, min=MODEL_SHADING,
+                io.Int.Input("shading_correction", default=MODEL_SHADING, min=HEAD_ONLY,
                              max=MAX_SHADING_PASSES, optional=True,
                              tooltip="Pulls the result's large-scale shading and colour back to the low-res "
                                      "image's (a 2-pixel blur of it, bicubic ×2), leaving the detail: fixes "
                                      "colour casts and brightness drift. -1: the model's own correction (the "
-                                     "shipped model: 1 pass; a model file with a learned shading head runs "
-                                     "that instead). 0: off. 1–4: passes of the TAESD correction; each decodes "
+                                     "shipped model: its learned shading head, then 1 TAESD pass). 1–4: the "
+                                     "model's head, if it has one, then that many TAESD passes; each decodes "
                                      "the result once and encodes it twice with the pack's TAESD (milliseconds "
-                                     "on a GPU, seconds on a CPU)."),
+                                     "on a GPU, seconds on a CPU). -2: the head alone, no pass (fast on a CPU; "
+                                     "a little less faithful colour). 0: off."),
             ],
             outputs=[io.Latent.Output(tooltip="The latent at twice the height and width.")],
         )

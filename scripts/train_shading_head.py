@@ -6,8 +6,9 @@
 
 The pairs (the model's own results on training crops and the TAESD correction's moves) are saved in
 --work-dir and reused when the command runs again with the same model and recipe. The written model carries
-the head (`shading_head.*` tensors, `fmboost.shading_head` config) and recommends it in place of TAESD passes
-(its `shading_correction` becomes 0; the node's −1 then runs the head).
+the head (`shading_head.*` tensors, `fmboost.shading_head` config; a head the model had is replaced) and keeps
+the TAESD passes the model recommends: the node's −1 then runs the head, then those passes (head + 1 pass is
+the shipped model's default, bench/RESULTS.md); `scripts/set_model_defaults.py --shading-correction` changes them.
 """
 import argparse
 import hashlib
@@ -15,7 +16,6 @@ import json
 import random
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from _pack import REPO, load_pack
@@ -84,7 +84,6 @@ def main(argv=None) -> int:
               "threads": torch.get_num_threads()}
     rewrite_checkpoint(
         args.model, args.out,
-        method=lambda m: replace(m, shading_correction=0),
         tensors=lambda t: {**{k: v for k, v in t.items() if not k.startswith(HEAD_PREFIX)}, **head_tensors},
         metadata=lambda m: {**m, "fmboost.shading_head": json.dumps(config.to_dict()),
                             "fmboost.shading_head_training": json.dumps(record)})

@@ -202,9 +202,10 @@ def test_defaults_keep_colour_better_than_a_pixel_space_resize(fresh_server):
 
 
 def test_shading_correction_keeps_the_shading_of_a_bicubic_resize(fresh_server):
-    """The default shading correction (the model's metadata: 1 pass) against the same upscale without it and
-    against stock VAE Decode → Upscale Image By (bicubic ×2): the large-scale shading (a 4 px blur) comes close
-    to the bicubic resize's, which keeps the low-res image's exactly, and the colour cast goes."""
+    """The default shading correction (the model's file: its learned head, then 1 TAESD pass) against the same
+    upscale without it, with the head alone (−2, the fast choice on a CPU) and against stock VAE Decode →
+    Upscale Image By (bicubic ×2): the large-scale shading (a 4 px blur) comes close to the bicubic resize's,
+    which keeps the low-res image's exactly, and the colour cast goes; the head alone does part of that."""
     from fmboost.flow.shading import gaussian_blur
     from fmboost.training import metrics
     info = fresh_server.object_info()
@@ -212,6 +213,7 @@ def test_shading_correction_keeps_the_shading_of_a_bicubic_resize(fresh_server):
     for name, _, truth in fresh_server.photos:
         prompt = compare_prompt(info, f"{name}.png")
         off = dict(prompt["5"]["inputs"], shading_correction=0)
+        head = dict(prompt["5"]["inputs"], shading_correction=-2)
         prompt |= {
             "20": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["3", 0]}},
             "21": {"class_type": "ImageScaleBy", "inputs": {"image": ["20", 0], "upscale_method": "bicubic",
@@ -220,24 +222,31 @@ def test_shading_correction_keeps_the_shading_of_a_bicubic_resize(fresh_server):
             "25": {"class_type": "FMBoostLatentUpscale", "inputs": off},
             "26": {"class_type": "VAEDecode", "inputs": {"samples": ["25", 0], "vae": ["3", 0]}},
             "27": {"class_type": "SaveImage", "inputs": {"images": ["26", 0], "filename_prefix": "off"}},
+            "28": {"class_type": "FMBoostLatentUpscale", "inputs": head},
+            "29": {"class_type": "VAEDecode", "inputs": {"samples": ["28", 0], "vae": ["3", 0]}},
+            "30": {"class_type": "SaveImage", "inputs": {"images": ["29", 0], "filename_prefix": "head"}},
         }
         entry = fresh_server.run(prompt)
         assert entry["status"]["status_str"] == "success", execution_error(entry)
-        assert entry["outputs"]["5"]["fmboost"][0]["shading_correction"] == 1
-        assert entry["outputs"]["5"]["fmboost"][0]["shading_head"] is False   # the shipped model has none
-        assert entry["outputs"]["25"]["fmboost"][0]["shading_correction"] == 0
+        info_of = lambda node: {k: entry["outputs"][node]["fmboost"][0][k]  # noqa: E731
+                                for k in ("shading_head", "shading_correction")}
+        assert info_of("5") == {"shading_head": True, "shading_correction": 1}
+        assert info_of("25") == {"shading_head": False, "shading_correction": 0}
+        assert info_of("28") == {"shading_head": True, "shading_correction": 0}
         images = {k: read_image(fresh_server, entry, node) for k, node in (("on", "7"), ("off", "27"),
-                                                                           ("bicubic", "22"))}
+                                                                           ("head", "30"), ("bicubic", "22"))}
         row = {}
         for k, img in images.items():
             assert img.shape == truth.shape
             row[k] = (metrics.psnr(gaussian_blur(img, 4), gaussian_blur(truth, 4)).item(),
                       metrics.colour_error(img, truth).item(), metrics.psnr(img, truth).item())
         rows.append((name, row))
-    mean = {k: np.mean([r[k] for _, r in rows], axis=0) for k in ("on", "off", "bicubic")}
+    mean = {k: np.mean([r[k] for _, r in rows], axis=0) for k in ("on", "off", "head", "bicubic")}
     report = "\n".join(f"{n}: " + " | ".join(f"{k} {a:.2f} dB at 4 px, colour {b:.2f}, {c:.2f} dB"
                                              for k, (a, b, c) in r.items()) for n, r in rows)
     assert mean["on"][0] > mean["off"][0] + 1.0, report
     assert mean["on"][0] > mean["bicubic"][0] - 1.0, report   # seen: 33.75, 31.93 without, bicubic 34.37
     assert mean["on"][1] < mean["off"][1] and mean["on"][1] < mean["bicubic"][1] + 0.5, report
     assert mean["on"][2] > mean["off"][2], report
+    assert mean["head"][0] > mean["off"][0] + 0.5 and mean["head"][1] < mean["off"][1], report
+    assert mean["head"][2] > mean["off"][2], report

@@ -211,8 +211,10 @@ def test_set_model_defaults_command_rewrites_only_the_recommended_settings(tmp_p
         return subprocess.run([sys.executable, str(REPO / "scripts" / "set_model_defaults.py"), str(path), *args],
                               capture_output=True, text=True, timeout=120)
     assert before.method.shading_correction == 0   # models without the field get none
+    path.chmod(0o644)
     proc = run("--noise-step", "275", "--solver", "midpoint", "--solver-steps", "3", "--shading-correction", "2")
     assert proc.returncode == 0, proc.stderr
+    assert path.stat().st_mode & 0o777 == 0o644   # still readable by a server running as another user
     after = load_checkpoint(path)
     assert (after.method.noise_step, after.method.solver, after.method.solver_steps) == (275, "midpoint", 3)
     assert after.method.shading_correction == 2

@@ -109,16 +109,45 @@ def test_rewriting_a_model_keeps_its_head(tmp_path):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_shading_correction_chooses_the_head_or_taesd_passes():
+def test_shading_correction_chooses_the_head_and_taesd_passes():
     method = MethodSettings(upsampling_mode="latent", shading_head=True, shading_correction=0)
-    pick = lambda v: (lambda s: (s.shading_head, s.shading_correction))(  # noqa: E731
-        resolve(method, shading_correction=v).settings)
-    assert pick(-1) == (True, 0)        # the model's own: its head
-    assert pick(0) == (False, 0)        # off
-    assert pick(2) == (False, 2)        # TAESD passes instead
-    both = dataclasses.replace(method, shading_correction=1)
-    assert (resolve(both).settings.shading_head, resolve(both).settings.shading_correction) == (True, 1)
-    assert not resolve(dataclasses.replace(method, shading_head=False)).settings.shading_head
+    pick = lambda m, v: (lambda s: (s.shading_head, s.shading_correction))(  # noqa: E731
+        resolve(m, shading_correction=v).settings)
+    assert pick(method, -1) == (True, 0)        # the model's own: its head
+    assert pick(method, 0) == (False, 0)        # off
+    assert pick(method, 2) == (True, 2)         # the head, then TAESD passes
+    assert pick(method, -2) == (True, 0)        # the head alone
+    both = dataclasses.replace(method, shading_correction=1)   # the shipped model's: head + 1 pass
+    assert pick(both, -1) == (True, 1)
+    assert pick(both, -2) == (True, 0)
+    assert pick(both, 0) == (False, 0)
+    plain = dataclasses.replace(both, shading_head=False)
+    assert pick(plain, -1) == (False, 1) and pick(plain, 3) == (False, 3)
+    with pytest.raises(ValueError, match="runs the model's learned shading head alone, and this model has none"):
+        resolve(plain, shading_correction=-2)
+    for bad in (-3, 5):
+        with pytest.raises(ValueError, match="shading_correction must be"):
+            resolve(both, shading_correction=bad)
+
+
+@torch.inference_mode()
+def test_the_head_runs_before_the_taesd_passes(tmp_path):
+    """−1 on a file with a head and a recommended pass: the pass corrects the head's result, as
+    `correct_shading(head(flow))`, item by item."""
+    head = random_head()
+    path, _ = with_head(tmp_path, head)
+    rewrite_checkpoint(path, method=lambda m: dataclasses.replace(m, shading_correction=1))
+    ck = load_checkpoint(path)
+    net = ck.build_network()
+    vae = TAESD.from_folder(REPO / "weights" / "taesd")
+    latent = torch.randn(2, 4, 6, 8)
+    settings = resolve(ck.method, seed=3).settings
+    assert settings.shading_head and settings.shading_correction == 1
+    got = upscale(net, latent, settings, vae=vae)
+    headed = upscale(net, latent, dataclasses.replace(settings, shading_correction=0))
+    torch.testing.assert_close(got, correct_shading(vae, latent, headed, 1), atol=1e-4, rtol=1e-4)
+    alone = upscale(net, latent, dataclasses.replace(settings, shading_head=False), vae=vae)
+    assert (got - alone).abs().mean() > 1e-3
 
 
 @torch.inference_mode()
@@ -167,8 +196,8 @@ def test_training_fits_a_known_move():
 
 def test_the_training_command_writes_a_model_that_runs_its_head(tmp_path):
     """scripts/train_shading_head.py on two training photos with a tiny head: the pairs are the TAESD
-    correction's moves of the model's own results; the written model loads with its head, recommends it in
-    place of TAESD passes, keeps the network's weights; a second run reuses the pairs."""
+    correction's moves of the model's own results; the written model loads with its head (the shipped model's
+    own head replaced), keeps the network's weights and the recommended passes; a second run reuses the pairs."""
     import subprocess
     import sys
     from support import SHARED, require_shared
@@ -182,9 +211,12 @@ def test_the_training_command_writes_a_model_that_runs_its_head(tmp_path):
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     ck, shipped = load_checkpoint(out), load_checkpoint(SHIPPED)
-    assert ck.method.shading_head and ck.method.shading_correction == 0
-    assert ck.head_config == ShadingHeadConfig(channels=8, depth=2)
-    assert all(torch.equal(ck.state_dict[k], v) for k, v in shipped.state_dict.items())
+    assert ck.method.shading_head and ck.method == shipped.method   # the recommended passes are kept
+    assert ck.head_config == ShadingHeadConfig(channels=8, depth=2)   # the shipped model's head is replaced
+    network = {k: v for k, v in shipped.state_dict.items() if not k.startswith(HEAD_PREFIX)}
+    assert network and all(torch.equal(ck.state_dict[k], v) for k, v in network.items())
+    assert {k for k in ck.state_dict if k.startswith(HEAD_PREFIX)} == {HEAD_PREFIX + k for k in
+                                                                     ShadingHead(ck.head_config).state_dict()}
     assert resolve(ck.method, have_vae=True).settings.shading_head
     # the pairs: one TAESD pass's move of the flow's result, in network space
     (pairs_file,) = (tmp_path / "work").glob("pairs-*.pt")
