@@ -467,7 +467,7 @@ def main(argv=None):
         print(f"shard {args.shard} measured into {args.records}", file=sys.stderr)
         return
     params = sum(v.numel() for v in cfm_ck.state_dict.values())
-    info = (f"{params / 1e6:.2f} M parameters, {cfm_ck.method.upsampling_mode} mode, trained noise step "
+    info = (f"{params / 1e6:.2f} M parameters, {cfm_ck.method.upsampling_mode} mode, default noise step "
             f"{cfm_ck.method.noise_step}")
     if sc := shading_label(resolve(cfm_ck.method, have_vae=True).settings):
         info += (f"; every other CFM row with the model's own correction ({sc[2:]}: `models.shading_head`, "

@@ -307,7 +307,7 @@ def node_defaults(args) -> str:
             if r.settings.shading_head:
                 head = dataclasses.replace(r.settings, shading_correction=0)
                 rows[(f"{path.name}, the same with the head alone (shading_correction -2)", name(dtype))] = \
-                    best(lambda: upscale(net, latent, head, device=device))
+                    best(lambda: upscale(net, latent, head, vae=taesd, device=device))
                 passes = max(1, r.settings.shading_correction)
                 taesd_pass = dataclasses.replace(r.settings, shading_correction=passes, shading_head=False)
                 rows[(f"{path.name}, the same with {passes} TAESD pass{'es' if passes > 1 else ''} and no head",
