@@ -266,7 +266,7 @@ def node_defaults(args) -> str:
     and in fp32. Returns a section for bench/RESULTS.md."""
     import torch.nn.functional as F
     from fmboost.flow.runtime import cpu_dtype
-    from fmboost.flow.settings import resolve, shading_label
+    from fmboost.flow.settings import HEAD_ONLY, resolve, shading_label
     from fmboost.flow.source import make_source
     from fmboost.models.taesd import TAESD
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -305,7 +305,8 @@ def node_defaults(args) -> str:
                 rows[(f"{path.name}, the same without shading correction", name(dtype))] = best(
                     lambda: upscale(net, latent, plain, vae=taesd, device=device))
             if r.settings.shading_head:
-                head = dataclasses.replace(r.settings, shading_correction=0)
+                head = resolve(ck.method, size_multiple=ck.net_config.size_multiple,
+                               shading_correction=HEAD_ONLY).settings
                 rows[(f"{path.name}, the same with the head alone (shading_correction -2)", name(dtype))] = \
                     best(lambda: upscale(net, latent, head, vae=taesd, device=device))
                 passes = max(1, r.settings.shading_correction)

@@ -80,7 +80,7 @@ def resolve(method, *, size_multiple: int = 1, upsampling: str = AUTO, noise_ste
     else:
         passes = check_shading_passes(method.shading_correction if shading_correction == MODEL_SHADING
                                       else shading_correction)
-        head = method.shading_head and (passes > 0 or shading_correction == MODEL_SHADING)
+        head = method.shading_head and shading_correction != 0
     settings = UpscaleSettings(scale_factor=method.scale_factor, mode=mode,
                                noise_step=step, seed=seed, solver=solver or default_solver(method),
                                size_multiple=size_multiple, back_projection=method.back_projection,
