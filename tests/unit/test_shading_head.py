@@ -133,7 +133,7 @@ def test_shading_correction_chooses_the_head_and_taesd_passes():
 @torch.inference_mode()
 def test_the_head_runs_before_the_taesd_passes(tmp_path):
     """−1 on a file with a head and a recommended pass: the pass corrects the head's result, as
-    `correct_shading(head(flow))`, item by item."""
+    `correct_shading(head(flow))`, and differs from the pass alone."""
     head = random_head()
     path, _ = with_head(tmp_path, head)
     rewrite_checkpoint(path, method=lambda m: dataclasses.replace(m, shading_correction=1))
