@@ -237,3 +237,13 @@ def test_set_model_defaults_command_rewrites_only_the_recommended_settings(tmp_p
                            str(tmp_path / "plain.safetensors"), "--noise-step", "100"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not an FMBoost model" in proc.stderr
+
+
+def test_the_user_docs_state_the_shipped_models_noise_step():
+    """README and the node's help page tell the user which step −1 means for the shipped model; they must follow
+    the file when `scripts/set_model_defaults.py` changes it."""
+    from support import REPO
+    step = load_checkpoint(REPO / "weights" / "cfm" / "fmboost-sd15-x2.safetensors").method.noise_step
+    for doc in ("README.md", "js/docs/FMBoostLatentUpscale.md"):
+        text = " ".join((REPO / doc).read_text().split())
+        assert f"({step} for the shipped model" in text, f"{doc} does not give the shipped noise step {step}"
