@@ -9,6 +9,8 @@ The pairs (the model's own results on training crops and the TAESD correction's 
 the head (`shading_head.*` tensors, `fmboost.shading_head` config; a head the model had is replaced) and keeps
 the TAESD passes the model recommends: the node's −1 then runs the head, then those passes (head + 1 pass is
 the shipped model's default, bench/RESULTS.md); `scripts/set_model_defaults.py --shading-correction` changes them.
+A recipe with `"target": "head_then_pass"` fits the new head to the move of the model's current head and one
+pass (`training/recipes/heads/shading-head-composite.json`), for a head that does alone what both do.
 """
 import argparse
 import hashlib
@@ -55,10 +57,12 @@ def main(argv=None) -> int:
     random.Random(recipe.get("shuffle_seed", 0)).shuffle(paths)
     paths = paths[: recipe.get("max_images") or len(paths)]
     weights = hashlib.sha256(Path(args.model).read_bytes()).hexdigest()[:12]
-    key = hashlib.sha256(json.dumps([weights, [p.name for p in paths], recipe["crop"], recipe["crops_per_image"],
-                                     recipe["noise_steps"], recipe.get("precision"), recipe.get("seed", 0),
-                                     recipe.get("shuffle_seed", 0)])
-                         .encode()).hexdigest()[:16]
+    target = recipe.get("target", "taesd_pass")
+    key_items = [weights, [p.name for p in paths], recipe["crop"], recipe["crops_per_image"], recipe["noise_steps"],
+                 recipe.get("precision"), recipe.get("seed", 0), recipe.get("shuffle_seed", 0)]
+    if target != "taesd_pass":   # the default keeps the pairs files of earlier runs valid
+        key_items.append(target)
+    key = hashlib.sha256(json.dumps(key_items).encode()).hexdigest()[:16]
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     pairs_file = work / f"pairs-{key}.pt"
@@ -69,7 +73,7 @@ def main(argv=None) -> int:
     else:
         pairs = make_pairs(ckpt, network, vae_ref, vae_run, paths, crop=recipe["crop"],
                            crops_per_image=recipe["crops_per_image"], noise_steps=tuple(recipe["noise_steps"]),
-                           seed=recipe.get("seed", 0))
+                           seed=recipe.get("seed", 0), target=target)
         torch.save(pairs, pairs_file)
     pair_seconds = time.time() - started
     config = ShadingHeadConfig(channels=recipe["channels"], depth=recipe["depth"], pool=recipe.get("pool", 0))
@@ -80,8 +84,8 @@ def main(argv=None) -> int:
     train_seconds = time.time() - started
     head_tensors = {HEAD_PREFIX + k: v.to(torch.float16) for k, v in head.state_dict().items()}
     record = {"recipe": Path(args.config).name, "images": len(paths), "pairs": int(pairs["out"].shape[0]),
-              "steps": recipe["steps"], "pair_seconds": round(pair_seconds), "train_seconds": round(train_seconds),
-              "threads": torch.get_num_threads()}
+              "target": target, "steps": recipe["steps"], "pair_seconds": round(pair_seconds),
+              "train_seconds": round(train_seconds), "threads": torch.get_num_threads()}
     rewrite_checkpoint(
         args.model, args.out,
         tensors=lambda t: {**{k: v for k, v in t.items() if not k.startswith(HEAD_PREFIX)}, **head_tensors},

@@ -10,6 +10,13 @@ TAESD in `precision`, no correction), on random crops of the training photos:
 The head learns dz from (out, src) with a mean squared error in network space. The TAESD correction's move
 also re-draws fine grain that no latent-space function of (out, src) can predict; the head learns its mean,
 which is the large-scale part. Everything here runs on the CPU machine in minutes.
+
+With the target `head_then_pass` the move is that of the model's current head followed by one pass,
+
+    dz  = correct_shading(TAESD, low, head(out, src), 1) − out
+
+so a second head learns to do alone what the node's default correction (head, then pass) does; measured in
+bench/RESULTS.md (*A head fitted to the head and the pass*).
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from ..models.shading_head import ShadingHead, ShadingHeadConfig
 from .data import downscale2, load_rgb
 
 PAIR_KEYS = ("low", "src", "out", "dz")
+TARGETS = ("taesd_pass", "head_then_pass")   # what dz is the move of (see the module's doc)
 
 
 def crop_at(img: torch.Tensor, crop: int, rng: random.Random) -> torch.Tensor:
@@ -41,11 +49,18 @@ def crop_at(img: torch.Tensor, crop: int, rng: random.Random) -> torch.Tensor:
 
 @torch.inference_mode()
 def make_pairs(ckpt, network, vae_ref, vae_run, paths: list[Path], *, crop: int = 256, crops_per_image: int = 2,
-               noise_steps=(200, 250, 300), seed: int = 0, log=print) -> dict[str, torch.Tensor]:
+               noise_steps=(200, 250, 300), seed: int = 0, target: str = "taesd_pass",
+               log=print) -> dict[str, torch.Tensor]:
     """Training pairs for the head of `network` (a built `ckpt`). `vae_ref`: the fp32 TAESD for the low-res
     latents and the correction; `vae_run`: the TAESD that builds the sources, in the network's precision. The
     first crop of each image uses the model's own noise step, the others one of `noise_steps`, so the head
-    also serves the "more detail" settings."""
+    also serves the "more detail" settings. `target` (TARGETS): the move of one TAESD pass, or of the
+    network's own head followed by one pass."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown head target {target!r}; one of {', '.join(TARGETS)}")
+    head = getattr(network, "shading_head", None) if target == "head_then_pass" else None
+    if target == "head_then_pass" and head is None:
+        raise ValueError("target head_then_pass needs a model that has a shading head to start from")
     # shading_correction 0: no TAESD pass and no head (a network that has one keeps it unused here)
     base = resolve(ckpt.method, size_multiple=ckpt.net_config.size_multiple, have_vae=True,
                    shading_correction=0).settings
@@ -62,7 +77,8 @@ def make_pairs(ckpt, network, vae_ref, vae_run, paths: list[Path], *, crop: int 
             settings = replace(base, noise_step=step, seed=item)
             src = build_source(low, settings, vae_run)
             out = upscale(network, low, settings, source=src)
-            dz = correct_shading(vae_ref, low, out, 1) - out
+            start = out if head is None else head(out * base.scale_factor, src) / base.scale_factor
+            dz = correct_shading(vae_ref, low, start, 1) - out
             for k, v in (("low", low), ("src", src), ("out", out * base.scale_factor), ("dz", dz * base.scale_factor)):
                 rows[k].append(v[0].to(torch.float32).clone())
         if log and (i % 50 == 0 or i == len(paths) - 1):

@@ -194,6 +194,34 @@ def test_training_fits_a_known_move():
     assert err < 0.05 * test["dz"].pow(2).mean(), (err, test["dz"].pow(2).mean())
 
 
+@torch.inference_mode()
+def test_head_then_pass_pairs_are_the_move_of_the_models_head_and_one_pass(tmp_path):
+    """make_pairs' `head_then_pass` target: the move from the flow's result to one TAESD pass after the model's
+    current head (not after the result itself); a model without a head, or an unknown target, is refused."""
+    from support import SHARED, require_shared
+    from fmboost.training.shading_head import make_pairs
+    photo = sorted(require_shared(SHARED / "data" / "photos" / "train").glob("*.jpg"))[:1]
+    head = random_head(config=ShadingHeadConfig(channels=8, depth=2))
+    path, _ = with_head(tmp_path, head)
+    ck = load_checkpoint(path)
+    net = ck.build_network()
+    vae = TAESD.from_folder(REPO / "weights" / "taesd")
+    kw = dict(crop=64, crops_per_image=1, seed=3, log=None)
+    plain = make_pairs(ck, net, vae, vae, photo, **kw)
+    both = make_pairs(ck, net, vae, vae, photo, target="head_then_pass", **kw)
+    assert torch.equal(plain["out"], both["out"]) and torch.equal(plain["src"], both["src"])
+    s = ck.method.scale_factor
+    start = head(both["out"], both["src"]) / s
+    expect = correct_shading(vae, both["low"], start, 1) * s - both["out"]
+    torch.testing.assert_close(both["dz"], expect, atol=1e-4, rtol=1e-4)
+    assert (both["dz"] - plain["dz"]).abs().mean() > 0.1 * plain["dz"].abs().mean()
+    net.shading_head = None
+    with pytest.raises(ValueError, match="has a shading head"):
+        make_pairs(ck, net, vae, vae, photo, target="head_then_pass", **kw)
+    with pytest.raises(ValueError, match="unknown head target"):
+        make_pairs(ck, net, vae, vae, photo, target="two_passes", **kw)
+
+
 def test_the_training_command_writes_a_model_that_runs_its_head(tmp_path):
     """scripts/train_shading_head.py on two training photos with a tiny head: the pairs are the TAESD
     correction's moves of the model's own results; the written model loads with its head (the shipped model's
@@ -240,7 +268,9 @@ def test_every_head_recipe_has_what_the_command_reads(recipe):
     assert {"images", "vae", "crop", "crops_per_image", "noise_steps", "channels", "depth", "steps", "batch",
             "lr"} <= set(settings)
     known = {"images", "vae", "max_images", "crop", "crops_per_image", "noise_steps", "precision", "channels",
-             "depth", "pool", "steps", "batch", "lr", "mean_weight", "shuffle_seed", "seed"}
+             "depth", "pool", "steps", "batch", "lr", "mean_weight", "shuffle_seed", "seed", "target"}
     assert set(settings) <= known, set(settings) - known
     assert (REPO / settings["vae"]).is_dir() and settings["crop"] % 16 == 0
     ShadingHeadConfig.from_dict(settings)
+    from fmboost.training.shading_head import TARGETS
+    assert settings.get("target", "taesd_pass") in TARGETS
