@@ -2,9 +2,16 @@
 `taesd_encoder.safetensors` / `taesd_decoder.safetensors` key layout.
 
 Its latents are SD-UNet-space (already × 0.18215); `encode` takes RGB in [0, 1], `decode` returns RGB in [0, 1].
+
+On a CPU, inference runs each convolution with its ReLU (and a block's last convolution with its skip addition
+and ReLU) as one oneDNN call (`torch.ops.mkldnn._convolution_pointwise`, what torch.compile emits for these
+layers), where this torch has it: the separate ReLUs and additions over 64 channels of a 1024² image took half of
+an encode's time (bench/RESULTS.md, *Node defaults speed*). The same weights and arithmetic, and no compilation;
+it checks itself once against the plain layers and falls back to them on any difference or error.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -52,6 +59,42 @@ def taesd_decoder(latent_channels=4) -> nn.Sequential:
         b(64, 64), _conv(64, 3))
 
 
+def _pointwise_convolution():
+    """oneDNN's fused convolution op where this torch build has it, else None."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return None
+    try:
+        return torch.ops.mkldnn._convolution_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _conv_args(conv: nn.Conv2d):
+    return conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
+
+
+def run_fused(net: nn.Sequential, x: torch.Tensor, op) -> torch.Tensor:
+    """`net(x)` for a TAESD encoder or decoder, with Conv2d → ReLU pairs and each block's last convolution +
+    skip + ReLU as single `op` calls (`_pointwise_convolution`); other layers run as they are."""
+    layers, i = list(net), 0
+    while i < len(layers):
+        layer = layers[i]
+        if isinstance(layer, nn.Conv2d):
+            relu = i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)
+            x = op(x, *_conv_args(layer), "relu" if relu else "none", [], "")
+            i += 2 if relu else 1
+            continue
+        if isinstance(layer, _Block):
+            first, _, second, _, last = layer.conv
+            y = op(x, *_conv_args(first), "relu", [], "")
+            y = op(y, *_conv_args(second), "relu", [], "")
+            x = op.binary(y, layer.skip(x), *_conv_args(last), "add", None, "relu", [], "")
+        else:
+            x = layer(x)
+        i += 1
+    return x
+
+
 class TAESD(nn.Module):
     """Implements the core's PixelVAE protocol on raw (unscaled) latents, like ComfyUI's VAE objects."""
 
@@ -76,10 +119,53 @@ class TAESD(nn.Module):
         cast to the weights' dtype and outputs come back as float32, so callers see no difference but speed."""
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if self.fused is not False:
+            self.fused = None   # checked again at the new precision
         return self.to(dtype=dtype, memory_format=self.memory_format)
 
+    # None: not checked yet for the current precision; False: plain layers (set it to measure them, as the bench does)
+    fused: bool | None = None
+
     def _run(self, net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        return net(x.to(self.dtype).contiguous(memory_format=self.memory_format)).float()
+        x = x.to(self.dtype).contiguous(memory_format=self.memory_format)
+        if self._use_fused(x):
+            return run_fused(net, x, _pointwise_convolution()).float()
+        return net(x).float()
+
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        if self.fused is False or x.device.type != "cpu":
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False   # training through the decoder: the fused op has no backward
+        if torch.is_autocast_enabled("cpu"):
+            return False   # autocast would not cast the fused op: keep its precision what the caller asked for
+        if self.fused is None:
+            self.fused = self._check_fused()
+        return self.fused
+
+    @torch.no_grad()
+    def _check_fused(self) -> bool:
+        """Once per precision: do the fused layers give the plain layers' result on a small input?"""
+        op = _pointwise_convolution()
+        if op is None:
+            return False
+        gen = torch.Generator().manual_seed(0)
+        image = nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=gen), size=(64, 64), mode="bilinear")
+        latent = torch.rand(1, 4, 8, 8, generator=gen) * 4 - 2
+        for net, x in ((self.encoder, image), (self.decoder, latent)):
+            x = x.to(self.dtype).contiguous(memory_format=self.memory_format)
+            try:
+                got, want = run_fused(net, x, op).float(), net(x).float()
+            except Exception as error:   # an op this torch build lacks or refuses for this dtype
+                logging.info("TAESD: fused CPU convolutions unavailable (%s); using plain layers", error)
+                return False
+            # relative mean difference; bf16 rounds differently once the ReLU is fused (about 0.5 % here)
+            error = ((got - want).abs().mean() / want.abs().mean().clamp_min(1e-6)).item()
+            if not error <= (1e-5 if self.dtype == torch.float32 else 0.02):
+                logging.warning("TAESD: fused CPU convolutions disagree with the plain layers (relative "
+                                "difference %.3g); using plain layers", error)
+                return False
+        return True
 
     def encode_scaled(self, pixels: torch.Tensor) -> torch.Tensor:
         return self._run(self.encoder, pixels)
