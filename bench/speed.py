@@ -290,6 +290,11 @@ def node_defaults(args) -> str:
     for dtype in dtypes:
         taesd = TAESD.from_folder(REPO / "weights" / "taesd").to(device).set_precision(dtype)
         rows[(source, name(dtype))] = best(lambda: make_source(latent * s, "pixel", s, taesd))
+        if taesd.fused:
+            taesd.fused = False
+            rows[(source + ", TAESD's plain layers", name(dtype))] = best(
+                lambda: make_source(latent * s, "pixel", s, taesd))
+            taesd.fused = None
         for path in sorted((REPO / "weights" / "cfm").glob("*.safetensors")):
             ck = load_checkpoint(path)
             net = ck.build_network(dtype).to(device)
@@ -313,13 +318,21 @@ def node_defaults(args) -> str:
                 taesd_pass = dataclasses.replace(r.settings, shading_correction=passes, shading_head=False)
                 rows[(f"{path.name}, the same with {passes} TAESD pass{'es' if passes > 1 else ''} and no head",
                       name(dtype))] = best(lambda: upscale(net, latent, taesd_pass, vae=taesd, device=device))
+            if taesd.fused:   # the CPU's fused TAESD convolutions (models.taesd), against its plain layers
+                taesd.fused = False
+                rows[(f"{path.name}, node defaults, TAESD's plain layers (no fused CPU convolutions)",
+                      name(dtype))] = best(lambda: upscale(net, latent, r.settings, vae=taesd, device=device))
+                taesd.fused = None
     base = rows[(source, name(torch.float32))]
     lines = [f"## Node defaults speed ({datetime.date.today().isoformat()})", "",
              f"- machine: {cpu_name() if device.type == 'cpu' else torch.cuda.get_device_name(device)}, "
              f"{torch.get_num_threads()} threads; torch {torch.__version__}, Python {platform.python_version()}",
              f"- 64² → 128² latent (512² → 1024² px), batch 1, best of {runs} after a warm-up; "
              "`bench/speed.py --defaults-only`. Precision: what the node's weight_dtype `auto` picks on this "
-             "device (network and the pack's TAESD), and fp32", "",
+             "device (network and the pack's TAESD), and fp32",
+             "- on a CPU the pack's TAESD runs each convolution fused with its ReLU and skip addition (one oneDNN "
+             "call, `models/taesd.py`); rows marked *plain layers* run the same weights without that, for comparison",
+             "",
              "| what | precision | seconds | × the fp32 pixel-space source alone |", "|---|---|---|---|"]
     lines += [f"| {what} | {prec} | {sec:.3f} | {sec / base:.2f} |" for (what, prec), sec in rows.items()]
     return "\n".join(lines) + "\n"
