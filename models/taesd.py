@@ -128,20 +128,20 @@ class TAESD(nn.Module):
 
     def _run(self, net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.dtype).contiguous(memory_format=self.memory_format)
-        if self._use_fused(x):
-            return run_fused(net, x, _pointwise_convolution()).float()
-        return net(x).float()
+        op = self._fused_op(x)
+        return (net(x) if op is None else run_fused(net, x, op)).float()
 
-    def _use_fused(self, x: torch.Tensor) -> bool:
+    def _fused_op(self, x: torch.Tensor):
+        """The fused op for this input, or None for the plain layers."""
         if self.fused is False or x.device.type != "cpu":
-            return False
+            return None
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return False   # training through the decoder: the fused op has no backward
+            return None   # training through the decoder: the fused op has no backward
         if torch.is_autocast_enabled("cpu"):
-            return False   # autocast would not cast the fused op: keep its precision what the caller asked for
+            return None   # autocast would not cast the fused op: keep its precision what the caller asked for
         if self.fused is None:
             self.fused = self._check_fused()
-        return self.fused
+        return _pointwise_convolution() if self.fused else None   # None also if oneDNN was switched off since
 
     @torch.no_grad()
     def _check_fused(self) -> bool:

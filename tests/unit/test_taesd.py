@@ -16,8 +16,9 @@ FUSED_AVAILABLE = taesd_module._pointwise_convolution() is not None
 
 @pytest.fixture(scope="module")
 def photo():
+    """A batch of two whole photos, 296 × 448 px: an odd latent height (37), as the plain layers handle it."""
     img = load_rgb(REPO / "assets" / "fmboost_example.png")
-    return img[None, :, :256, :256]
+    return torch.stack([img, img.flip(-1)])
 
 
 def plain_and_fused(dtype, photo):
@@ -45,8 +46,8 @@ def test_fused_layers_in_bfloat16_are_as_close_to_float32_as_the_plain_layers(ph
     assert used is True
     err_fused, err_plain = (z - z32).abs().mean(), (z_plain - z32).abs().mean()
     assert err_fused < 1.2 * err_plain, (err_fused, err_plain)   # seen: 0.029 against 0.030
-    assert metrics.psnr(img, img32).item() > 40
-    assert metrics.psnr(img, img_plain).item() > 40
+    assert metrics.psnr(img, img32).min().item() > 40
+    assert metrics.psnr(img, img_plain).min().item() > 40
 
 
 def test_decoding_with_gradients_uses_the_plain_layers(photo):
@@ -82,3 +83,12 @@ def test_an_op_that_fails_or_disagrees_falls_back_to_the_plain_layers(photo, mon
         assert vae.fused is False
         torch.testing.assert_close(got, want)
         assert message in caplog.text
+
+
+def test_onednn_switched_off_after_the_check_uses_the_plain_layers(photo):
+    vae = TAESD.from_folder(REPO / "weights" / "taesd")
+    with torch.inference_mode():
+        fused = vae.encode(photo)
+        with torch.backends.mkldnn.flags(enabled=False):
+            off = vae.encode(photo)
+    torch.testing.assert_close(off, fused, rtol=1e-4, atol=1e-4)
