@@ -77,6 +77,8 @@ def main(argv=None):
              "PSNR vs the fp32 image (mean / min) |", "|---|---|---|---|---|---|---|---|"]
     for size in (int(s) for s in args.sizes.split(",")):
         paths = scan_images(args.val, 2 * size).usable[: args.images]
+        if not paths:
+            raise SystemExit(f"precision.py: no photo in {args.val} is large enough for {size} → {2 * size} px")
         scores = {d: [] for d in dtypes}
         same = []
         for path in paths:
