@@ -99,6 +99,9 @@ class SourceMemo:
     def decode(self, z):
         return self._call("decode", z)
 
+    def decode_fidelity(self, z):
+        return self._call("decode_fidelity", z)
+
 
 def methods(args, source_vae, cfm, cfm_ck, city96, regression):
     """name → function(raw low-res latent) → raw high-res latent; pixel-space sources go through `source_vae`."""
@@ -119,6 +122,8 @@ def methods(args, source_vae, cfm, cfm_ck, city96, regression):
         "(a) latent bilinear": lambda z: F.interpolate(z, scale_factor=2, mode="bilinear", align_corners=False),
         "(b) pixel-space bilinear": lambda z: make_source(z * s, "pixel", s, source_vae) / s,
         "(c) bicubic of decoded": None,  # works in pixels, handled separately
+        # the same from the image the shading correction compares with (models.taesd.TAESD.decode_fidelity)
+        FIDELITY_BICUBIC: None,
         "(d) city96 ×2": city96,
     }
     if regression is not None:
@@ -160,6 +165,7 @@ def methods(args, source_vae, cfm, cfm_ck, city96, regression):
 
 
 CEILING = "TAESD ceiling (GT encoded+decoded)"
+FIDELITY_BICUBIC = "(c′) bicubic of the fidelity decoder's image (the shading correction's reference)"
 METRICS = ("psnr", "ssim", "jod", "detail", "colour", "seconds")
 
 
@@ -215,7 +221,8 @@ def run_size(args, low_side, images, vae, source_vae, table_methods, jod, grid_c
                 fn = table_methods[name]
                 charged, started = source_vae.charged, time.perf_counter()
                 if fn is None:
-                    img = F.interpolate(vae.decode(z_lo), scale_factor=2, mode="bicubic", align_corners=False)
+                    low = vae.decode_fidelity(z_lo) if name == FIDELITY_BICUBIC else vae.decode(z_lo)
+                    img = F.interpolate(low, scale_factor=2, mode="bicubic", align_corners=False)
                 else:
                     img = vae.decode(fn(z_lo))
                 scores[name] = {"seconds": time.perf_counter() - started + source_vae.charged - charged}

@@ -43,7 +43,9 @@ def correct_shading(vae: PixelVAE, low: torch.Tensor, out: torch.Tensor, passes:
     passes (0: `out` unchanged). Pixels are compared in float32; `before_pass` runs before each (Cancel)."""
     if passes <= 0:
         return out
-    pixels = vae.decode(low).to(out.device, torch.float32)
+    # The reference: the pack's TAESD decodes the low-res latent with its fidelity decoder when it has one
+    # (models.taesd.TAESD.decode_fidelity); other VAEs with their decoder.
+    pixels = getattr(vae, "decode_fidelity", vae.decode)(low).to(out.device, torch.float32)
     reference = F.interpolate(pixels, size=(pixels.shape[-2] * 2, pixels.shape[-1] * 2), mode="bicubic",
                               align_corners=False).clamp(0, 1)
     reference = gaussian_blur(reference, sigma)

@@ -95,6 +95,11 @@ def run_fused(net: nn.Sequential, x: torch.Tensor, op) -> torch.Tensor:
     return x
 
 
+# A copy of the decoder fine-tuned for fidelity to low-res images (training/fidelity_decoder.py): the shading
+# correction's reference, never the picture (`decode_fidelity`).
+FIDELITY_DECODER = "taesd_fidelity_decoder.safetensors"
+
+
 class TAESD(nn.Module):
     """Implements the core's PixelVAE protocol on raw (unscaled) latents, like ComfyUI's VAE objects."""
 
@@ -102,17 +107,26 @@ class TAESD(nn.Module):
     downscale = 8
     dtype, memory_format = torch.float32, torch.contiguous_format   # set_precision changes them
 
-    def __init__(self, encoder_path: str | os.PathLike, decoder_path: str | os.PathLike):
+    def __init__(self, encoder_path: str | os.PathLike, decoder_path: str | os.PathLike,
+                 fidelity_decoder_path: str | os.PathLike | None = None):
         super().__init__()
         from safetensors.torch import load_file
         self.encoder, self.decoder = taesd_encoder(), taesd_decoder()
         self.encoder.load_state_dict({k: v.float() for k, v in load_file(encoder_path).items()})
         self.decoder.load_state_dict({k: v.float() for k, v in load_file(decoder_path).items()})
+        self.fidelity_decoder = None
+        if fidelity_decoder_path is not None:
+            self.fidelity_decoder = taesd_decoder()
+            self.fidelity_decoder.load_state_dict({k: v.float() for k, v in load_file(fidelity_decoder_path).items()})
         self.eval().requires_grad_(False)
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike) -> "TAESD":
-        return cls(os.path.join(folder, "taesd_encoder.safetensors"), os.path.join(folder, "taesd_decoder.safetensors"))
+    def from_folder(cls, folder: str | os.PathLike, fidelity: bool = True) -> "TAESD":
+        """The folder's encoder and decoder, and its fidelity decoder (FIDELITY_DECODER) if it has one and
+        `fidelity` is set."""
+        fidelity_path = os.path.join(folder, FIDELITY_DECODER)
+        return cls(os.path.join(folder, "taesd_encoder.safetensors"), os.path.join(folder, "taesd_decoder.safetensors"),
+                   fidelity_path if fidelity and os.path.exists(fidelity_path) else None)
 
     def set_precision(self, dtype: torch.dtype, channels_last: bool = True) -> "TAESD":
         """Weights in `dtype` and, by default, NHWC layout (1.2-1.3× faster convolutions on a CPU). Inputs are
@@ -178,3 +192,10 @@ class TAESD(nn.Module):
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return self.decode_scaled(latent * self.scale_factor)
+
+    def decode_fidelity(self, latent: torch.Tensor) -> torch.Tensor:
+        """Raw latent → the pixels it most likely came from, by the fidelity decoder (closer to the encoded image
+        than `decode`, and smoother): what the shading correction compares with. `decode` without one."""
+        if self.fidelity_decoder is None:
+            return self.decode(latent)
+        return self._run(self.fidelity_decoder, latent * self.scale_factor).clamp(0, 1)

@@ -62,6 +62,9 @@ def main(argv=None) -> int:
                  recipe.get("precision"), recipe.get("seed", 0), recipe.get("shuffle_seed", 0)]
     if target != "taesd_pass":   # the default keeps the pairs files of earlier runs valid
         key_items.append(target)
+    if vae_ref.fidelity_decoder is not None:   # the pass's reference (flow.shading) changes the moves
+        key_items.append(hashlib.sha256(b"".join(
+            t.numpy().tobytes() for t in vae_ref.fidelity_decoder.state_dict().values())).hexdigest()[:12])
     key = hashlib.sha256(json.dumps(key_items).encode()).hexdigest()[:16]
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
