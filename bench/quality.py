@@ -479,6 +479,8 @@ def main(argv=None):
     if sc := shading_label(resolve(cfm_ck.method, have_vae=True).settings):
         info += (f"; every other CFM row with the model's own correction ({sc[2:]}: `models.shading_head`, "
                  "`flow.shading`)")
+        if vae.fidelity_decoder is not None:
+            info += "; the TAESD passes' reference decoded by the pack's fidelity decoder (`TAESD.decode_fidelity`)"
     text = markdown(results, args, info, ", ".join(str(min(c, len(images))) for c in counts))
     if args.flat:
         flat = flat_field(cfm, cfm_ck, vae)
