@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train the pack's TAESD fidelity decoder (training/fidelity_decoder.py): the shading correction's reference.
 
-    .venv/bin/python scripts/train_fidelity_decoder.py --config training/recipes/fidelity-decoder.json \\
+    .venv/bin/python scripts/train_fidelity_decoder.py --config training/recipes/decoders/fidelity-decoder.json \\
         --out weights/taesd/taesd_fidelity_decoder.safetensors
 
 Fine-tunes a copy of the recipe's TAESD decoder on low-res crops of the recipe's photos and writes it in bf16,
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     from safetensors.torch import save_file
     from fmboost.models.taesd import TAESD
     from fmboost.training.data import load_rgb, scan_images
-    from fmboost.training.fidelity_decoder import fit, photo_store
+    from fmboost.training.fidelity_decoder import RECIPE_KEYS, fit, photo_store
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="a recipe (JSON)")
     ap.add_argument("--out", required=True, help="the .safetensors to write")
@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = json.loads(Path(args.config).read_text())
+    if unknown := set(recipe) - RECIPE_KEYS:
+        raise SystemExit(f"{args.config}: unknown recipe keys {sorted(unknown)}")
     for key in ("steps", "max_images", "max_minutes"):
         if getattr(args, key) is not None:
             recipe[key] = getattr(args, key)

@@ -17,6 +17,10 @@ import torch.nn.functional as F
 
 from .data import downscale2
 
+# What a recipe for scripts/train_fidelity_decoder.py may hold (training/recipes/decoders/*.json)
+RECIPE_KEYS = {"comment", "images", "vae", "max_images", "max_side", "crop", "batch", "lr", "steps", "max_minutes",
+               "precision", "shuffle_seed", "seed"}
+
 
 def photo_store(paths: Sequence, load: Callable, max_side: int = 768) -> list[torch.Tensor]:
     """Photos as uint8 (3, H, W), the long side at most `max_side` (area down-sampling), kept in memory."""

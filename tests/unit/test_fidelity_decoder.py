@@ -14,7 +14,7 @@ from fmboost.flow.shading import SHADING_SIGMA, correct_shading, gaussian_blur
 from fmboost.models.taesd import FIDELITY_DECODER, TAESD
 from fmboost.training import metrics
 from fmboost.training.data import downscale2, load_rgb, scan_images
-from fmboost.training.fidelity_decoder import fit, low_res_batch, photo_store
+from fmboost.training.fidelity_decoder import RECIPE_KEYS, fit, low_res_batch, photo_store
 from support import REPO, SHARED, require_shared
 
 TAESD_DIR = REPO / "weights" / "taesd"
@@ -83,7 +83,7 @@ def test_fitting_brings_the_decoder_closer_to_its_training_crops():
 
 def test_the_training_command_writes_a_decoder_the_pack_loads(tmp_path):
     photos = require_shared(SHARED / "data" / "photos" / "train")
-    recipe = json.loads((REPO / "training" / "recipes" / "fidelity-decoder.json").read_text())
+    recipe = json.loads((REPO / "training" / "recipes" / "decoders" / "fidelity-decoder.json").read_text())
     recipe.update(images=str(photos), max_images=2, steps=3, batch=2, crop=128)
     (tmp_path / "r.json").write_text(json.dumps(recipe))
     out = tmp_path / FIDELITY_DECODER
@@ -101,3 +101,13 @@ def test_the_training_command_writes_a_decoder_the_pack_loads(tmp_path):
     with torch.inference_mode():
         img = vae.decode_fidelity(torch.zeros(1, 4, 8, 8))
     assert img.shape == (1, 3, 64, 64) and 0 <= img.min() and img.max() <= 1
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "training" / "recipes" / "decoders").glob("*.json")),
+                         ids=lambda p: p.stem)
+def test_every_decoder_recipe_holds_what_its_command_reads(recipe):
+    settings = json.loads(recipe.read_text())
+    assert settings.pop("comment", "").strip(), "a recipe says what it is for"
+    assert set(settings) <= RECIPE_KEYS, set(settings) - RECIPE_KEYS
+    assert {"images", "vae", "crop", "batch", "lr", "steps"} <= set(settings)
+    assert (REPO / settings["vae"]).is_dir() and settings["crop"] % 16 == 0
