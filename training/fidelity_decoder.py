@@ -8,6 +8,7 @@ encoded with the TAESD encoder, decoded and compared in pixels) brings it closer
 """
 from __future__ import annotations
 
+import copy
 import random
 import time
 from typing import Callable, Optional, Sequence
@@ -53,7 +54,6 @@ def fit(vae, photos: Sequence[torch.Tensor], steps: int, batch: int = 8, crop: i
     """Fine-tune a copy of `vae`'s decoder (a float32 `models.taesd.TAESD`) → (its state dict, steps run).
     Adam on the pixel MSE between the decoded TAESD latent of each low-res crop and the crop itself; bf16
     autocast on the CPU (`precision`). Stops after `steps` or `max_seconds`."""
-    import copy
     decoder = copy.deepcopy(vae.decoder).float().train().requires_grad_(True)
     opt = torch.optim.Adam(decoder.parameters(), lr=lr)
     rng = random.Random(seed)
