@@ -102,6 +102,21 @@ class SourceMemo:
     def decode_fidelity(self, z):
         return self._call("decode_fidelity", z)
 
+    def encode_change(self, latent, pixels, change):   # the shading pass's move: never the same twice
+        return self.vae.encode_change(latent, pixels, change)
+
+
+def exact_move(vae, fn):
+    """`fn` run with the pack's TAESD moving the latent by two encodes in each shading pass, as without its
+    learned encoder move (models.taesd.EncodeChange)."""
+    def run(z):
+        saved, vae.change = vae.change, None
+        try:
+            return fn(z)
+        finally:
+            vae.change = saved
+    return run
+
 
 def methods(args, source_vae, cfm, cfm_ck, city96, regression):
     """name → function(raw low-res latent) → raw high-res latent; pixel-space sources go through `source_vae`."""
@@ -150,6 +165,9 @@ def methods(args, source_vae, cfm, cfm_ck, city96, regression):
             passes = max(1, cfm_ck.method.shading_correction)
             out[f"(f) CFM node defaults, {passes} TAESD pass{'es' if passes > 1 else ''} without the head "
                 f"(k={default_step})"] = cfm_run(shading=passes, head=False)
+        if getattr(source_vae.vae, "change", None) is not None:
+            out[f"(f) CFM node defaults, the exact encoder move (two TAESD encodes a pass, k={default_step})"] = \
+                exact_move(source_vae.vae, cfm_run())
     for mode in MODES:
         out[f"(f) CFM {mode} mode ({rec}, k={default_step})"] = cfm_run(upsampling=mode)
     for evals in args.evals:
@@ -481,6 +499,9 @@ def main(argv=None):
                  "`flow.shading`)")
         if vae.fidelity_decoder is not None:
             info += "; the TAESD passes' reference decoded by the pack's fidelity decoder (`TAESD.decode_fidelity`)"
+        if vae.change is not None:
+            info += ("; each pass's move by the pack's learned encoder move (`TAESD.encode_change`), except in the "
+                     "row that says *exact*")
     text = markdown(results, args, info, ", ".join(str(min(c, len(images))) for c in counts))
     if args.flat:
         flat = flat_field(cfm, cfm_ck, vae)

@@ -318,6 +318,11 @@ def node_defaults(args) -> str:
                 taesd_pass = dataclasses.replace(r.settings, shading_correction=passes, shading_head=False)
                 rows[(f"{path.name}, the same with {passes} TAESD pass{'es' if passes > 1 else ''} and no head",
                       name(dtype))] = best(lambda: upscale(net, latent, taesd_pass, vae=taesd, device=device))
+            if taesd.change is not None and r.settings.shading_correction:   # its learned encoder move, against
+                saved, taesd.change = taesd.change, None                          # two encodes a pass
+                rows[(f"{path.name}, node defaults, the exact encoder move (two TAESD encodes a pass)",
+                      name(dtype))] = best(lambda: upscale(net, latent, r.settings, vae=taesd, device=device))
+                taesd.change = saved
             if taesd.fused:   # the CPU's fused TAESD convolutions (models.taesd), against its plain layers
                 taesd.fused = False
                 rows[(f"{path.name}, node defaults, TAESD's plain layers (no fused CPU convolutions)",
@@ -332,6 +337,8 @@ def node_defaults(args) -> str:
              "device (network and the pack's TAESD), and fp32",
              "- on a CPU the pack's TAESD runs each convolution fused with its ReLU and skip addition (one oneDNN "
              "call, `models/taesd.py`); rows marked *plain layers* run the same weights without that, for comparison",
+             "- each shading pass moves the latent by the pack's learned encoder move (`TAESD.encode_change`, a "
+             "small network) where it has one; rows marked *exact encoder move* run the two TAESD encodes instead",
              "",
              "| what | precision | seconds | × the fp32 pixel-space source alone |", "|---|---|---|---|"]
     lines += [f"| {what} | {prec} | {sec:.3f} | {sec / base:.2f} |" for (what, prec), sec in rows.items()]

@@ -11,7 +11,9 @@ RESULTS.md, *Where the error is*). One pass:
 
 The difference of two encodes moves the latent by what the pixel change means to the encoder, and cancels the
 encoder's own bias (encoding d + e directly would add the VAE's round-trip error: its reds and greens, its
-blur). Everything is per item, so batches and seeds behave as without it.
+blur). The pack's TAESD predicts that difference with a small learned network instead of two encodes at full
+resolution (`models.taesd.EncodeChange`; `encode_change` below). Everything is per item, so batches and seeds
+behave as without it.
 """
 from __future__ import annotations
 
@@ -36,6 +38,35 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
+def shading_reference(vae: PixelVAE, low: torch.Tensor, sigma: float = SHADING_SIGMA) -> torch.Tensor:
+    """Raw low-res latent (B, C, h, w) → what a pass pulls the result's large scales to: the blur (`sigma`
+    output px) of bicubic ×2 of its decode, float32. The pack's TAESD decodes it with its fidelity decoder
+    (models.taesd.TAESD.decode_fidelity); other VAEs with their decoder."""
+    pixels = getattr(vae, "decode_fidelity", vae.decode)(low).to(low.device, torch.float32)
+    reference = F.interpolate(pixels, size=(pixels.shape[-2] * 2, pixels.shape[-1] * 2), mode="bicubic",
+                              align_corners=False).clamp(0, 1)
+    return gaussian_blur(reference, sigma)
+
+
+def shading_change(vae: PixelVAE, z: torch.Tensor, reference: torch.Tensor,
+                   sigma: float = SHADING_SIGMA) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw upscaled latent → (d, e): its decoded pixels and the change that gives them the reference's large
+    scales, e = clamp(d + reference − blur(d), 0, 1) − d (float32)."""
+    d = vae.decode(z).to(reference.device, torch.float32)
+    if d.shape != reference.shape:
+        raise ValueError(f"the VAE decoded {tuple(d.shape)} pixels from the upscaled latent, expected "
+                         f"{tuple(reference.shape)}")
+    return d, (d + reference - gaussian_blur(d, sigma)).clamp(0, 1) - d
+
+
+def encode_change(vae: PixelVAE, z: torch.Tensor, d: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """How the raw latent z (which decodes to d) moves when e is added to d: the VAE's own `encode_change` (the
+    pack's TAESD: learned, fast on a CPU), else encode(d + e) − encode(d)."""
+    change = getattr(vae, "encode_change", None)
+    move = change(z, d, e) if change is not None else vae.encode(d + e) - vae.encode(d)
+    return move.to(z.device, torch.float32)
+
+
 def correct_shading(vae: PixelVAE, low: torch.Tensor, out: torch.Tensor, passes: int,
                     sigma: float = SHADING_SIGMA, before_pass=lambda: None) -> torch.Tensor:
     """Raw low-res latent (B, C, h, w) and the raw upscaled latent (B, C, 2h, 2w) → the upscaled latent with its
@@ -43,19 +74,10 @@ def correct_shading(vae: PixelVAE, low: torch.Tensor, out: torch.Tensor, passes:
     passes (0: `out` unchanged). Pixels are compared in float32; `before_pass` runs before each (Cancel)."""
     if passes <= 0:
         return out
-    # The reference: the pack's TAESD decodes the low-res latent with its fidelity decoder when it has one
-    # (models.taesd.TAESD.decode_fidelity); other VAEs with their decoder.
-    pixels = getattr(vae, "decode_fidelity", vae.decode)(low).to(out.device, torch.float32)
-    reference = F.interpolate(pixels, size=(pixels.shape[-2] * 2, pixels.shape[-1] * 2), mode="bicubic",
-                              align_corners=False).clamp(0, 1)
-    reference = gaussian_blur(reference, sigma)
+    reference = shading_reference(vae, low.to(out.device), sigma)
     z = out
     for _ in range(passes):
         before_pass()
-        d = vae.decode(z).to(out.device, torch.float32)
-        if d.shape != reference.shape:
-            raise ValueError(f"the VAE decoded {tuple(d.shape)} pixels from the upscaled latent, expected "
-                             f"{tuple(reference.shape)}")
-        target = (d + reference - gaussian_blur(d, sigma)).clamp(0, 1)
-        z = z + vae.encode(target).to(out.device, torch.float32) - vae.encode(d).to(out.device, torch.float32)
+        d, e = shading_change(vae, z, reference, sigma)
+        z = z + encode_change(vae, z, d, e)
     return z

@@ -8,11 +8,17 @@ and ReLU) as one oneDNN call (`torch.ops.mkldnn._convolution_pointwise`, what to
 layers), where this torch has it: the separate ReLUs and additions over 64 channels of a 1024² image took half of
 an encode's time (bench/RESULTS.md, *Node defaults speed*). The same weights and arithmetic, and no compilation;
 it checks itself once against the plain layers and falls back to them on any difference or error.
+
+`encode_change` says how the latent moves when a smooth change is added to a decoded image: exactly (two
+encodes), or, where the pack has one, by a small learned network (`EncodeChange`) that does it in a fraction of
+an encode (the shading correction's pass, `flow.shading`, on a CPU).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -95,9 +101,71 @@ def run_fused(net: nn.Sequential, x: torch.Tensor, op) -> torch.Tensor:
     return x
 
 
+@dataclass(frozen=True)
+class EncodeChangeConfig:
+    channels: int = 96
+    depth: int = 3                 # 3×3 convolutions at latent resolution
+    latent_channels: int = 4
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EncodeChangeConfig":
+        cfg = cls(**{k: int(d[k]) for k in cls.__dataclass_fields__ if k in d})
+        if cfg.channels < 1 or cfg.depth < 1 or cfg.latent_channels < 1:
+            raise ValueError(f"encode-change config out of range: {d}")
+        return cfg
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class EncodeChange(nn.Module):
+    """TAESD's encoder response to a smooth pixel change, learned (training/encode_change.py):
+
+        (z, d, e) → encode(d + e) − encode(d)        scaled latents; d = decode(z) in [0, 1], e smooth
+
+    Each latent pixel sees its own 8×8 block of d and e (pixel unshuffle) and its neighbours' through the
+    3×3 convolutions, beside a linear map of e alone. The network's part is taken as its output for e less its
+    output for no change, so no change moves nothing, exactly. The exact move costs two encodes at full
+    resolution; this costs about what two 3×3 convolutions of 96 channels at the latent's resolution do
+    (bench/RESULTS.md, *A learned encoder move*)."""
+
+    factor = 8   # TAESD's pixels per latent pixel
+
+    def __init__(self, config: EncodeChangeConfig = EncodeChangeConfig()):
+        super().__init__()
+        self.config = config
+        c, lc, block = config.channels, config.latent_channels, 3 * self.factor ** 2
+        self.inp = nn.Conv2d(lc + 2 * block, c, 1)
+        self.body = nn.Sequential(*[m for _ in range(config.depth) for m in (nn.SiLU(), nn.Conv2d(c, c, 3, padding=1))])
+        self.out = nn.Sequential(nn.SiLU(), nn.Conv2d(c, lc, 1))
+        self.lin = nn.Conv2d(block, lc, 3, padding=1, bias=False)
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, z: torch.Tensor, d: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        e = nn.functional.pixel_unshuffle(e, self.factor) * 8          # the change is a few % of the range
+        d = nn.functional.pixel_unshuffle(d, self.factor) * 2 - 1
+        x = torch.cat([torch.cat([z, e, d], dim=1), torch.cat([z, torch.zeros_like(e), d], dim=1)])
+        moved, still = self.out(self.body(self.inp(x))).chunk(2)
+        return self.lin(e) + moved - still
+
+
 # A copy of the decoder fine-tuned for fidelity to low-res images (training/fidelity_decoder.py): the shading
 # correction's reference, never the picture (`decode_fidelity`).
 FIDELITY_DECODER = "taesd_fidelity_decoder.safetensors"
+# The learned encoder move (`EncodeChange`), its config and training record in the metadata (`fmboost.encode_change`)
+ENCODE_CHANGE = "taesd_encode_change.safetensors"
+ENCODE_CHANGE_KEY = "fmboost.encode_change"
+
+
+def load_encode_change(path: str | os.PathLike) -> EncodeChange:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get(ENCODE_CHANGE_KEY, "{}"))
+    net = EncodeChange(EncodeChangeConfig.from_dict(meta.get("config", {})))
+    net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    return net
 
 
 class TAESD(nn.Module):
@@ -108,7 +176,8 @@ class TAESD(nn.Module):
     dtype, memory_format = torch.float32, torch.contiguous_format   # set_precision changes them
 
     def __init__(self, encoder_path: str | os.PathLike, decoder_path: str | os.PathLike,
-                 fidelity_decoder_path: str | os.PathLike | None = None):
+                 fidelity_decoder_path: str | os.PathLike | None = None,
+                 encode_change_path: str | os.PathLike | None = None):
         super().__init__()
         from safetensors.torch import load_file
         self.encoder, self.decoder = taesd_encoder(), taesd_decoder()
@@ -118,15 +187,17 @@ class TAESD(nn.Module):
         if fidelity_decoder_path is not None:
             self.fidelity_decoder = taesd_decoder()
             self.fidelity_decoder.load_state_dict({k: v.float() for k, v in load_file(fidelity_decoder_path).items()})
+        self.change = load_encode_change(encode_change_path) if encode_change_path is not None else None
         self.eval().requires_grad_(False)
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike, fidelity: bool = True) -> "TAESD":
-        """The folder's encoder and decoder, and its fidelity decoder (FIDELITY_DECODER) if it has one and
-        `fidelity` is set."""
-        fidelity_path = os.path.join(folder, FIDELITY_DECODER)
+    def from_folder(cls, folder: str | os.PathLike, fidelity: bool = True, change: bool = True) -> "TAESD":
+        """The folder's encoder and decoder; its fidelity decoder (FIDELITY_DECODER) if it has one and
+        `fidelity` is set; its learned encoder move (ENCODE_CHANGE) if it has one and `change` is set."""
+        optional = lambda name, wanted: (os.path.join(folder, name) if wanted and  # noqa: E731
+                                         os.path.exists(os.path.join(folder, name)) else None)
         return cls(os.path.join(folder, "taesd_encoder.safetensors"), os.path.join(folder, "taesd_decoder.safetensors"),
-                   fidelity_path if fidelity and os.path.exists(fidelity_path) else None)
+                   optional(FIDELITY_DECODER, fidelity), optional(ENCODE_CHANGE, change))
 
     def set_precision(self, dtype: torch.dtype, channels_last: bool = True) -> "TAESD":
         """Weights in `dtype` and, by default, NHWC layout (1.2-1.3× faster convolutions on a CPU). Inputs are
@@ -199,3 +270,13 @@ class TAESD(nn.Module):
         if self.fidelity_decoder is None:
             return self.decode(latent)
         return self._run(self.fidelity_decoder, latent * self.scale_factor).clamp(0, 1)
+
+    def encode_change(self, latent: torch.Tensor, pixels: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+        """Raw latent (B, 4, h, w), its decoded pixels (B, 3, 8h, 8w) and a smooth change of them → how the raw
+        latent moves: encode(pixels + change) − encode(pixels), by the learned `EncodeChange` when this TAESD
+        has one (a fraction of an encode), else exactly (two encodes)."""
+        if self.change is None:
+            return self.encode(pixels + change) - self.encode(pixels)
+        cast = lambda x: x.to(self.dtype).contiguous(memory_format=self.memory_format)  # noqa: E731
+        move = self.change(cast(latent * self.scale_factor), cast(pixels), cast(change))
+        return move.float() / self.scale_factor

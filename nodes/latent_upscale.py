@@ -64,9 +64,10 @@ class CFMLatentUpscale(io.ComfyNode):
                                      "colour casts and brightness drift. -1: the model's own correction (the "
                                      "shipped model: its learned shading head, then 1 TAESD pass). 1–4: the "
                                      "model's head, if it has one, then that many TAESD passes; each decodes "
-                                     "the result once and encodes it twice with the pack's TAESD (milliseconds "
-                                     "on a GPU, seconds on a CPU). -2: the head alone, no pass (fast on a CPU; "
-                                     "a little less faithful colour). 0: off."),
+                                     "the result with the pack's TAESD and moves the latent by the pixel "
+                                     "change, through a small learned model of TAESD's encoder (milliseconds "
+                                     "on a GPU, about a second at 1024² on a CPU). -2: the head alone, no pass "
+                                     "(fastest on a CPU; a little less faithful colour). 0: off."),
             ],
             outputs=[io.Latent.Output(tooltip="The latent at twice the height and width.")],
         )

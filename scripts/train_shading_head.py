@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     ckpt = load_checkpoint(args.model)
     precision = torch.bfloat16 if recipe.get("precision", "bf16") == "bf16" else torch.float32
     network = ckpt.build_network(precision)
-    vae_ref = TAESD.from_folder(resolve_path(recipe["vae"]))
+    vae_ref = TAESD.from_folder(resolve_path(recipe["vae"]), change=False)   # the exact pass is the target
     vae_run = TAESD.from_folder(resolve_path(recipe["vae"])).set_precision(precision)
     paths = scan_images(resolve_path(recipe["images"]), recipe["crop"]).usable
     random.Random(recipe.get("shuffle_seed", 0)).shuffle(paths)

@@ -58,6 +58,8 @@ def make_pairs(ckpt, network, vae_ref, vae_run, paths: list[Path], *, crop: int 
     network's own head followed by one pass."""
     if target not in TARGETS:
         raise ValueError(f"unknown head target {target!r}; one of {', '.join(TARGETS)}")
+    if getattr(vae_ref, "change", None) is not None:
+        raise ValueError("the head learns the exact TAESD pass: load vae_ref with change=False")
     head = getattr(network, "shading_head", None) if target == "head_then_pass" else None
     if target == "head_then_pass" and head is None:
         raise ValueError("target head_then_pass needs a model that has a shading head to start from")

@@ -47,8 +47,10 @@ def test_the_shipped_fidelity_decoder_is_closer_to_the_image_than_taesd(example)
 
 def test_the_shading_correction_pulls_towards_the_fidelity_decoders_image(example):
     """correct_shading's reference is decode_fidelity(low): the pass moves the result's large scales towards
-    bicubic ×2 of the fidelity decoder's low-res image, not of TAESD's."""
-    with_fidelity, without = TAESD.from_folder(TAESD_DIR), TAESD.from_folder(TAESD_DIR, fidelity=False)
+    bicubic ×2 of the fidelity decoder's low-res image, not of TAESD's (the exact move, two encodes: what
+    the reference is worth alone)."""
+    with_fidelity = TAESD.from_folder(TAESD_DIR, change=False)
+    without = TAESD.from_folder(TAESD_DIR, fidelity=False, change=False)
     with torch.inference_mode():
         low = with_fidelity.encode(example)
         out = with_fidelity.encode(F.interpolate(example, scale_factor=2, mode="bilinear", align_corners=False))
