@@ -81,6 +81,26 @@ def test_the_learned_move_takes_a_strong_cast_away():
 
 
 @torch.inference_mode()
+def test_with_the_learned_move_a_flat_image_stays_flat_and_items_stay_alone(example):
+    vae = TAESD.from_folder(TAESD_DIR)
+    ramp = torch.linspace(-0.06, 0.02, 128).view(1, 1, 1, -1)
+    tint = lambda x: (x * torch.tensor([1.08, 1.0, 0.9]).view(1, 3, 1, 1) + 0.02 + ramp).clamp(0, 1)  # noqa: E731
+    grey = torch.full((1, 3, 128, 128), 0.5)
+    low, tinted = vae.encode(downscale2(grey)), vae.encode(tint(grey))
+    before = (vae.decode(tinted) * 255).std(dim=(-2, -1)).max().item()
+    out = vae.decode(correct_shading(vae, low, tinted, passes=1)) * 255
+    assert before > 4 and out.std(dim=(-2, -1)).max().item() < before / 3   # seen: 8.1 → 1.4
+    assert (out.mean(dim=(-2, -1)) - 127.5).abs().max().item() < 4          # seen: 2.5
+    photo = example[..., :128, :128]
+    pair = torch.cat([photo, photo.flip(-1)])
+    low, drifted = vae.encode(downscale2(pair)), vae.encode(tint(pair))
+    both = correct_shading(vae, low, drifted, passes=1)
+    for i in range(2):
+        alone = correct_shading(vae, low[i:i + 1], drifted[i:i + 1], passes=1)
+        torch.testing.assert_close(both[i:i + 1], alone, atol=1e-4, rtol=1e-4)
+
+
+@torch.inference_mode()
 def test_without_the_network_the_move_is_two_encodes():
     vae = TAESD.from_folder(TAESD_DIR, change=False)
     torch.manual_seed(0)
