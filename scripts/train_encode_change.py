@@ -12,13 +12,11 @@ the network in float16 with its config and the run in the metadata (`fmboost.enc
 import argparse
 import hashlib
 import json
-import os
-import random
 import sys
 import time
 from pathlib import Path
 
-from _pack import REPO, load_pack
+from _pack import load_pack, read_recipe, readable_by_all, recipe_photos, repo_path
 
 
 def main(argv=None) -> int:
@@ -40,24 +38,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = json.loads(Path(args.config).read_text())
-    if unknown := set(recipe) - RECIPE_KEYS:
-        raise SystemExit(f"{args.config}: unknown recipe keys {sorted(unknown)}")
-    for key in ("max_images", "steps"):
-        if getattr(args, key) is not None:
-            recipe[key] = getattr(args, key)
-    resolve_path = lambda p: Path(p) if Path(p).is_absolute() else (REPO / p).resolve()  # noqa: E731
+    recipe = read_recipe(args, ("max_images", "steps"), RECIPE_KEYS)
     ckpt = load_checkpoint(args.model)
     precision = torch.bfloat16 if recipe.get("precision", "bf16") == "bf16" else torch.float32
     network = ckpt.build_network(precision)
-    vae_dir = resolve_path(recipe["vae"])
+    vae_dir = repo_path(recipe["vae"])
     vae_ref = TAESD.from_folder(vae_dir, change=False)
     vae_run = TAESD.from_folder(vae_dir, change=False).set_precision(precision)
-    paths = scan_images(resolve_path(recipe["images"]), recipe["crop"]).usable
-    if not paths:
-        raise SystemExit(f"no photo in {recipe['images']} has a side of {recipe['crop']} px")
-    random.Random(recipe.get("shuffle_seed", 0)).shuffle(paths)
-    paths = paths[: recipe.get("max_images") or len(paths)]
+    paths = recipe_photos(recipe, scan_images)
     digest = lambda blobs: hashlib.sha256(b"".join(blobs)).hexdigest()[:12]  # noqa: E731
     key_items = [digest([Path(args.model).read_bytes()]),
                  digest(t.numpy().tobytes() for t in vae_ref.state_dict().values()),
@@ -89,9 +77,7 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(torch.float16).contiguous() for k, v in net.state_dict().items()}, args.out,
               metadata={ENCODE_CHANGE_KEY: json.dumps({"config": config.to_dict(), "training": record})})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(args.out, 0o666 & ~umask)   # safetensors writes 0600; a weights file is for everyone who runs the pack
+    readable_by_all(args.out)
     print(json.dumps(record))
     return 0
 

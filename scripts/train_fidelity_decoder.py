@@ -9,13 +9,11 @@ the TAESD files' own format, with the recipe and the run in its metadata (`fmboo
 """
 import argparse
 import json
-import os
-import random
 import sys
 import time
 from pathlib import Path
 
-from _pack import REPO, load_pack
+from _pack import load_pack, read_recipe, readable_by_all, recipe_photos, repo_path
 
 
 def main(argv=None) -> int:
@@ -35,19 +33,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = json.loads(Path(args.config).read_text())
-    if unknown := set(recipe) - RECIPE_KEYS:
-        raise SystemExit(f"{args.config}: unknown recipe keys {sorted(unknown)}")
-    for key in ("steps", "max_images", "max_minutes"):
-        if getattr(args, key) is not None:
-            recipe[key] = getattr(args, key)
-    resolve_path = lambda p: Path(p) if Path(p).is_absolute() else (REPO / p).resolve()  # noqa: E731
-    vae = TAESD.from_folder(resolve_path(recipe["vae"]), fidelity=False)
-    paths = scan_images(resolve_path(recipe["images"]), recipe["crop"]).usable
-    if not paths:
-        raise SystemExit(f"no photo in {recipe['images']} has a side of {recipe['crop']} px")
-    random.Random(recipe.get("shuffle_seed", 0)).shuffle(paths)
-    paths = paths[: recipe.get("max_images") or len(paths)]
+    recipe = read_recipe(args, ("steps", "max_images", "max_minutes"), RECIPE_KEYS)
+    vae = TAESD.from_folder(repo_path(recipe["vae"]), fidelity=False)
+    paths = recipe_photos(recipe, scan_images)
     photos = photo_store(paths, load_rgb, recipe.get("max_side", 768))
     started = time.time()
     minutes = recipe.get("max_minutes")
@@ -60,9 +48,7 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}, args.out,
               metadata={"fmboost.fidelity_decoder": json.dumps(record)})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(args.out, 0o666 & ~umask)   # safetensors writes 0600; a weights file is for everyone who runs the pack
+    readable_by_all(args.out)
     print(json.dumps(record))
     return 0
 

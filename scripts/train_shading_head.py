@@ -15,12 +15,11 @@ pass (`training/recipes/heads/shading-head-composite.json`), for a head that doe
 import argparse
 import hashlib
 import json
-import random
 import sys
 import time
 from pathlib import Path
 
-from _pack import REPO, load_pack
+from _pack import load_pack, read_recipe, recipe_photos, repo_path
 
 
 def main(argv=None) -> int:
@@ -43,19 +42,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = json.loads(Path(args.config).read_text())
-    for key in ("max_images", "steps"):
-        if getattr(args, key) is not None:
-            recipe[key] = getattr(args, key)
-    resolve_path = lambda p: Path(p) if Path(p).is_absolute() else (REPO / p).resolve()  # noqa: E731
+    recipe = read_recipe(args, ("max_images", "steps"))
     ckpt = load_checkpoint(args.model)
     precision = torch.bfloat16 if recipe.get("precision", "bf16") == "bf16" else torch.float32
     network = ckpt.build_network(precision)
-    vae_ref = TAESD.from_folder(resolve_path(recipe["vae"]), change=False)   # the exact pass is the target
-    vae_run = TAESD.from_folder(resolve_path(recipe["vae"])).set_precision(precision)
-    paths = scan_images(resolve_path(recipe["images"]), recipe["crop"]).usable
-    random.Random(recipe.get("shuffle_seed", 0)).shuffle(paths)
-    paths = paths[: recipe.get("max_images") or len(paths)]
+    vae_ref = TAESD.from_folder(repo_path(recipe["vae"]), change=False)   # the exact pass is the target
+    vae_run = TAESD.from_folder(repo_path(recipe["vae"])).set_precision(precision)
+    paths = recipe_photos(recipe, scan_images)
     weights = hashlib.sha256(Path(args.model).read_bytes()).hexdigest()[:12]
     target = recipe.get("target", "taesd_pass")
     key_items = [weights, [p.name for p in paths], recipe["crop"], recipe["crops_per_image"], recipe["noise_steps"],
