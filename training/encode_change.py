@@ -16,7 +16,6 @@ RESULTS.md, *A learned encoder move*).
 """
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import replace
 from typing import Callable, Sequence
@@ -28,8 +27,7 @@ from ..flow.pipeline import build_source, upscale
 from ..flow.settings import resolve
 from ..flow.shading import encode_change, shading_change, shading_reference
 from ..models.taesd import EncodeChange, EncodeChangeConfig
-from .data import downscale2, load_rgb
-from .shading_head import crop_at
+from .shading_head import low_res_crops
 
 PAIR_KEYS = ("z", "d", "e", "dz")
 # What a recipe for scripts/train_encode_change.py may hold (training/recipes/encoders/*.json)
@@ -52,23 +50,14 @@ def make_pairs(ckpt, network, vae_ref, vae_run, paths: Sequence, *, crop: int = 
                    shading_correction=0)
     scale = base.scale_factor
     rows: dict[str, list] = {k: [] for k in PAIR_KEYS}
-    started = time.time()
-    for i, path in enumerate(paths):
-        img = load_rgb(path)
-        for c in range(crops_per_image):
-            item = seed * 1_000_003 + i * 10 + c
-            rng = random.Random(item)
-            truth = crop_at(img, crop, rng)
-            low = vae_ref.encode(downscale2(truth))
-            step = base.noise_step if rng.random() < 0.5 else rng.choice(list(noise_steps))
-            settings = replace(base, noise_step=step, seed=item)
-            z = upscale(network, low, settings, source=build_source(low, settings, vae_run))
-            d, e = shading_change(vae_ref, z, shading_reference(vae_ref, low))
-            dz = encode_change(vae_ref, z, d, e)
-            for k, v in (("z", z * scale), ("d", d.half()), ("e", e.half()), ("dz", dz * scale)):
-                rows[k].append(v[0].clone())
-        if log and (i % 50 == 0 or i == len(paths) - 1):
-            log(f"pairs: {i + 1}/{len(paths)} images, {time.time() - started:.0f} s")
+    for _, item, rng, low in low_res_crops(paths, vae_ref, crop, crops_per_image, seed, log):
+        step = base.noise_step if rng.random() < 0.5 else rng.choice(list(noise_steps))
+        settings = replace(base, noise_step=step, seed=item)
+        z = upscale(network, low, settings, source=build_source(low, settings, vae_run))
+        d, e = shading_change(vae_ref, z, shading_reference(vae_ref, low))
+        dz = encode_change(vae_ref, z, d, e)
+        for k, v in (("z", z * scale), ("d", d.half()), ("e", e.half()), ("dz", dz * scale)):
+            rows[k].append(v[0].clone())
     return {k: torch.stack(v) for k, v in rows.items()}
 
 

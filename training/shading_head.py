@@ -24,6 +24,7 @@ import random
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,22 @@ def crop_at(img: torch.Tensor, crop: int, rng: random.Random) -> torch.Tensor:
     return out.flip(-1) if rng.random() < 0.5 else out
 
 
+def low_res_crops(paths: Sequence, vae, crop: int, crops_per_image: int, seed: int, log=print):
+    """The low-res latents that pairs are made from: for each image, `crops_per_image` random crops
+    (`crop_at`), each down-sampled ×2 and encoded by `vae` → (crop index, item, rng, low-res latent). The item
+    (from `seed`, the image and the crop) seeds the crop's rng, which the caller goes on drawing from, and
+    serves as its noise seed. Logs progress every 50 images."""
+    started = time.time()
+    for i, path in enumerate(paths):
+        img = load_rgb(path)
+        for c in range(crops_per_image):
+            item = seed * 1_000_003 + i * 10 + c
+            rng = random.Random(item)
+            yield c, item, rng, vae.encode(downscale2(crop_at(img, crop, rng)))
+        if log and (i % 50 == 0 or i == len(paths) - 1):
+            log(f"pairs: {i + 1}/{len(paths)} images, {time.time() - started:.0f} s")
+
+
 @torch.inference_mode()
 def make_pairs(ckpt, network, vae_ref, vae_run, paths: list[Path], *, crop: int = 256, crops_per_image: int = 2,
                noise_steps=(200, 250, 300), seed: int = 0, target: str = "taesd_pass",
@@ -67,24 +84,15 @@ def make_pairs(ckpt, network, vae_ref, vae_run, paths: list[Path], *, crop: int 
     base = resolve(ckpt.method, size_multiple=ckpt.net_config.size_multiple, have_vae=True,
                    shading_correction=0).settings
     rows: dict[str, list] = {k: [] for k in PAIR_KEYS}
-    started = time.time()
-    for i, path in enumerate(paths):
-        img = load_rgb(path)
-        for c in range(crops_per_image):
-            item = seed * 1_000_003 + i * 10 + c
-            rng = random.Random(item)
-            truth = crop_at(img, crop, rng)
-            low = vae_ref.encode(downscale2(truth))
-            step = base.noise_step if c == 0 else rng.choice(list(noise_steps))
-            settings = replace(base, noise_step=step, seed=item)
-            src = build_source(low, settings, vae_run)
-            out = upscale(network, low, settings, source=src)
-            start = out if head is None else head(out * base.scale_factor, src) / base.scale_factor
-            dz = correct_shading(vae_ref, low, start, 1) - out
-            for k, v in (("low", low), ("src", src), ("out", out * base.scale_factor), ("dz", dz * base.scale_factor)):
-                rows[k].append(v[0].to(torch.float32).clone())
-        if log and (i % 50 == 0 or i == len(paths) - 1):
-            log(f"pairs: {i + 1}/{len(paths)} images, {time.time() - started:.0f} s")
+    for c, item, rng, low in low_res_crops(paths, vae_ref, crop, crops_per_image, seed, log):
+        step = base.noise_step if c == 0 else rng.choice(list(noise_steps))
+        settings = replace(base, noise_step=step, seed=item)
+        src = build_source(low, settings, vae_run)
+        out = upscale(network, low, settings, source=src)
+        start = out if head is None else head(out * base.scale_factor, src) / base.scale_factor
+        dz = correct_shading(vae_ref, low, start, 1) - out
+        for k, v in (("low", low), ("src", src), ("out", out * base.scale_factor), ("dz", dz * base.scale_factor)):
+            rows[k].append(v[0].to(torch.float32).clone())
     return {k: torch.stack(v) for k, v in rows.items()}
 
 
