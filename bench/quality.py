@@ -110,11 +110,8 @@ def exact_move(vae, fn):
     """`fn` run with the pack's TAESD moving the latent by two encodes in each shading pass, as without its
     learned encoder move (models.taesd.EncodeChange)."""
     def run(z):
-        saved, vae.change = vae.change, None
-        try:
+        with vae.exact_move():
             return fn(z)
-        finally:
-            vae.change = saved
     return run
 
 

@@ -319,10 +319,9 @@ def node_defaults(args) -> str:
                 rows[(f"{path.name}, the same with {passes} TAESD pass{'es' if passes > 1 else ''} and no head",
                       name(dtype))] = best(lambda: upscale(net, latent, taesd_pass, vae=taesd, device=device))
             if taesd.change is not None and r.settings.shading_correction:   # its learned encoder move, against
-                saved, taesd.change = taesd.change, None                          # two encodes a pass
-                rows[(f"{path.name}, node defaults, the exact encoder move (two TAESD encodes a pass)",
-                      name(dtype))] = best(lambda: upscale(net, latent, r.settings, vae=taesd, device=device))
-                taesd.change = saved
+                with taesd.exact_move():                                          # two encodes a pass
+                    rows[(f"{path.name}, node defaults, the exact encoder move (two TAESD encodes a pass)",
+                          name(dtype))] = best(lambda: upscale(net, latent, r.settings, vae=taesd, device=device))
             if taesd.fused:   # the CPU's fused TAESD convolutions (models.taesd), against its plain layers
                 taesd.fused = False
                 rows[(f"{path.name}, node defaults, TAESD's plain layers (no fused CPU convolutions)",

@@ -15,6 +15,7 @@ an encode (the shading correction's pass, `flow.shading`, on a CPU).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -270,6 +271,16 @@ class TAESD(nn.Module):
         if self.fidelity_decoder is None:
             return self.decode(latent)
         return self._run(self.fidelity_decoder, latent * self.scale_factor).clamp(0, 1)
+
+    @contextlib.contextmanager
+    def exact_move(self):
+        """Within it, `encode_change` is exact (two encodes), as without the learned move: for the benches that
+        measure the move against the encoder's own."""
+        saved, self.change = self.change, None
+        try:
+            yield self
+        finally:
+            self.change = saved
 
     def encode_change(self, latent: torch.Tensor, pixels: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
         """Raw latent (B, 4, h, w), its decoded pixels (B, 3, 8h, 8w) and a smooth change of them → how the raw

@@ -114,6 +114,28 @@ def test_without_the_network_the_move_is_two_encodes():
 
 
 @torch.inference_mode()
+def test_exact_move_holds_the_two_encodes_only_inside_it():
+    """The benches' switch (`TAESD.exact_move`): inside, the learned TAESD moves by two encodes; afterwards, and
+    after an error inside, it has its network back."""
+    vae = TAESD.from_folder(TAESD_DIR)
+    net = vae.change
+    torch.manual_seed(0)
+    z = torch.randn(1, 4, 8, 8) * 3
+    d = vae.decode(z)
+    e = gaussian_blur(torch.randn(1, 3, 64, 64), 4) * 0.5
+    two_encodes = vae.encode(d + e) - vae.encode(d)
+    with vae.exact_move():
+        assert vae.change is None
+        torch.testing.assert_close(vae.encode_change(z, d, e), two_encodes)
+    assert vae.change is net
+    assert not torch.allclose(vae.encode_change(z, d, e), two_encodes)
+    with pytest.raises(RuntimeError, match="inside"):
+        with vae.exact_move():
+            raise RuntimeError("inside")
+    assert vae.change is net
+
+
+@torch.inference_mode()
 def test_the_learned_move_follows_the_change():
     """No change, no move (exactly: the network's part is its output less its output for no change); a
     brighter change moves the latent the way the encoder does (the learned and exact moves point the same way)."""
