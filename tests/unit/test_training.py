@@ -400,6 +400,56 @@ def test_training_with_the_pixel_loss_records_it(photos, tmp_path):
     assert [training[k] for k in ("pixel_loss", "pixel_items", "pixel_crop", "pixel_lowpass")] == [20.0, 2, 4, 2]
 
 
+def test_sampled_losses_score_the_solvers_own_result():
+    """`sampled_loss` runs the Euler solver from x0 and scores its decoded result: a velocity that lands on the
+    target costs nothing; one that lands on a blurred target loses SSIM and is held by the detail floor; the
+    gradient reaches the network, not the VAE; other solvers are refused."""
+    from fmboost.flow.shading import gaussian_blur
+    from fmboost.models.unet import CFMUNet, UNetConfig
+    from fmboost.training.train import sampled_loss
+    vae = TAESD.from_folder(TAESD_DIR)
+    img = torch.from_numpy(np.asarray(Image.open(REPO / "assets" / "fmboost_example.png").convert("RGB"),
+                                      dtype=np.float32) / 255).permute(2, 0, 1)[None, :, :128, :256]
+    z1 = vae.encode(torch.cat([img[..., :128], img[..., 128:]])) * vae.scale_factor
+    src = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(z1, 2), scale_factor=2, mode="bilinear")
+    x0 = src + 0.3 * torch.randn(z1.shape, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(images="", out="", run_dir="", vae=str(TAESD_DIR), solver="euler", solver_steps=2,
+                      pixel_items=2, pixel_crop=12, sampled_ssim=1.0, sampled_mse=20.0, sampled_detail=10.0)
+
+    def towards(target):   # a constant velocity: Euler lands exactly on `target`
+        return lambda x, t, ctx: target - x0[:x.shape[0]]
+    exact = sampled_loss(towards(z1), vae, x0, z1, src, cfg, torch.Generator().manual_seed(1))
+    assert exact["loss"].item() == pytest.approx(0, abs=1e-6) and exact["ssim"] == pytest.approx(1, abs=1e-6)
+    assert exact["detail_ratio"] == pytest.approx(1, abs=1e-4)
+    blurred = sampled_loss(towards(gaussian_blur(z1, 1.5)), vae, x0, z1, src, cfg, torch.Generator().manual_seed(1))
+    assert blurred["detail_ratio"] < 0.5 and blurred["detail"] > 0.1 and blurred["ssim"] < 0.95
+    assert blurred["loss"].item() > 10 * blurred["detail"] > 0
+    # the floor alone: inside detail_range the detail term is 0
+    loose = TrainConfig(**(cfg.__dict__ | {"detail_range": [0.01, 1.3]}))
+    assert sampled_loss(towards(gaussian_blur(z1, 1.5)), vae, x0, z1, src, loose,
+                        torch.Generator().manual_seed(1))["detail"] == 0
+    torch.manual_seed(0)
+    net = CFMUNet(UNetConfig.from_dict(TINY_NET))
+    sampled_loss(net, vae, x0, z1, src, cfg, torch.Generator().manual_seed(1))["loss"].backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    assert sum(p.grad.abs().sum() for p in net.parameters()) > 0
+    assert all(p.grad is None for p in vae.parameters())
+    with pytest.raises(ValueError, match="Euler"):
+        sampled_loss(net, vae, x0, z1, src, TrainConfig(**(cfg.__dict__ | {"solver": "heun"})),
+                     torch.Generator().manual_seed(1))
+
+
+def test_training_with_the_sampled_losses_records_them(photos, tmp_path):
+    out = train(config(photos, tmp_path, noise_steps=[250, 300], sampled_ssim=1.0, sampled_mse=20.0,
+                       sampled_detail=10.0, detail_range=[0.6, 1.3], pixel_items=2, pixel_crop=4,
+                       solver="euler", solver_steps=2))
+    assert out["step"] == 4
+    meta = __import__("safetensors").safe_open(str(tmp_path / "model.safetensors"), "pt").metadata()
+    training = json.loads(meta["fmboost.training"])
+    assert [training[k] for k in ("noise_steps", "sampled_ssim", "sampled_mse", "sampled_detail",
+                                  "detail_range", "solver_steps")] == [[250, 300], 1.0, 20.0, 10.0, [0.6, 1.3], 2]
+
+
 @pytest.mark.parametrize("recipe", sorted((REPO / "training" / "recipes").glob("*.json")), ids=lambda p: p.stem)
 def test_every_recipe_is_a_valid_training_config(recipe):
     """A recipe is data for scripts/train_cfm.py: every key a TrainConfig field, its files in the repository."""
