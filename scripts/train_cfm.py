@@ -34,7 +34,7 @@ def main(argv=None) -> int:
                  "pixel_lowpass"):
         ap.add_argument("--" + name.replace("_", "-"), type=int)
     for name in ("lr", "weight_decay", "ema", "grad_clip", "max_minutes", "t_mean", "pixel_loss",
-                 "back_projection"):
+                 "back_projection", "sampled_ssim", "sampled_mse", "sampled_detail"):
         ap.add_argument("--" + name.replace("_", "-"), type=float)
     ap.add_argument("--mode", choices=("pixel", "latent"))
     ap.add_argument("--t-dist", choices=("uniform", "logit_normal"))
