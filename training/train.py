@@ -386,6 +386,20 @@ def train(cfg: TrainConfig, log=print) -> dict:
     return {"step": step, "val": last}
 
 
+def random_windows(shape, n: int, crop: int, gen: torch.Generator):
+    """A random `crop`² window (clipped to the latent's size) for each of the first `n` items of latents of
+    `shape`, drawn once (rows, then columns): returns a function that cuts those windows out of any latent of
+    that shape, so the prediction and its target are compared in the same place."""
+    h, w = shape[-2:]
+    crop = min(crop, h, w)
+    ys = torch.randint(h - crop + 1, (n,), generator=gen).tolist()
+    xs = torch.randint(w - crop + 1, (n,), generator=gen).tolist()
+
+    def cut(z: torch.Tensor) -> torch.Tensor:
+        return torch.stack([z[i, :, y:y + crop, x:x + crop] for i, (y, x) in enumerate(zip(ys, xs))])
+    return cut
+
+
 def pixel_mse(vae, z1_pred: torch.Tensor, z1: torch.Tensor, items: int, crop: int,
               gen: torch.Generator, lowpass: int = 1) -> torch.Tensor:
     """MSE between the decoded prediction and the decoded target (pixels in [0, 1]) on the first `items` items,
@@ -393,14 +407,7 @@ def pixel_mse(vae, z1_pred: torch.Tensor, z1: torch.Tensor, items: int, crop: in
     larger block leaves texture to the flow loss and holds colour and shading). Latent-space MSE alone is blind
     to what the decoder does with an averaged latent: it decodes with a colour cast (brighter reds and greens
     with TAESD), which this sees."""
-    n = min(items, z1.shape[0])
-    h, w = z1.shape[-2:]
-    crop = min(crop, h, w)
-    ys = torch.randint(h - crop + 1, (n,), generator=gen).tolist()
-    xs = torch.randint(w - crop + 1, (n,), generator=gen).tolist()
-
-    def windows(z):
-        return torch.stack([z[i, :, y:y + crop, x:x + crop] for i, (y, x) in enumerate(zip(ys, xs))])
+    windows = random_windows(z1.shape, min(items, z1.shape[0]), crop, gen)
 
     def decoded(z):
         px = vae.decode(windows(z) / vae.scale_factor).float()
@@ -436,14 +443,10 @@ def sampled_loss(model, vae, x0: torch.Tensor, z1: torch.Tensor, src: torch.Tens
         raise ValueError(f"the sampled losses run the Euler solver; this recipe's solver is {cfg.solver!r}")
     n = min(cfg.pixel_items, z1.shape[0])
     x1 = euler(model, x0[:n], src[:n], cfg.solver_steps)
-    h, w = z1.shape[-2:]
-    crop = min(cfg.pixel_crop, h, w)
-    ys = torch.randint(h - crop + 1, (n,), generator=gen).tolist()
-    xs = torch.randint(w - crop + 1, (n,), generator=gen).tolist()
+    windows = random_windows(z1.shape, n, cfg.pixel_crop, gen)
 
     def decoded(z):
-        windows = torch.stack([z[i, :, y:y + crop, x:x + crop] for i, (y, x) in enumerate(zip(ys, xs))])
-        return vae.decode(windows / vae.scale_factor).float().clamp(0, 1)
+        return vae.decode(windows(z) / vae.scale_factor).float().clamp(0, 1)
     with torch.no_grad():
         target = decoded(z1[:n])
     result = decoded(x1)
