@@ -206,7 +206,7 @@ def test_shading_correction_keeps_the_shading_of_a_bicubic_resize(fresh_server):
     upscale without it, with the head alone (−2, the fast choice on a CPU) and against stock VAE Decode →
     Upscale Image By (bicubic ×2): the large-scale shading (a 4 px blur) comes close to the bicubic resize's,
     which keeps the low-res image's exactly, and the colour cast goes. The head alone gains PSNR over none; it
-    was fitted to the stage-3 network's drift and no longer brings the stage-7 network's (smaller) large-scale
+    was fitted to the stage-3 network's drift and no longer brings the later networks' (smaller) large-scale
     shading closer (weights/cfm/MODEL_CARD.md, Stage 7), so that is not asserted of it."""
     from fmboost.flow.shading import gaussian_blur
     from fmboost.training import metrics
@@ -247,7 +247,7 @@ def test_shading_correction_keeps_the_shading_of_a_bicubic_resize(fresh_server):
     report = "\n".join(f"{n}: " + " | ".join(f"{k} {a:.2f} dB at 4 px, colour {b:.2f}, {c:.2f} dB"
                                              for k, (a, b, c) in r.items()) for n, r in rows)
     assert mean["on"][0] > mean["off"][0] + 1.0, report
-    assert mean["on"][0] > mean["bicubic"][0] - 1.0, report   # seen: 34.73, 32.79 without, bicubic 34.37
+    assert mean["on"][0] > mean["bicubic"][0] - 1.0, report   # seen (stage 7): 34.73, 32.79 without, bicubic 34.37
     assert mean["on"][1] < mean["off"][1] and mean["on"][1] < mean["bicubic"][1] + 0.5, report
     assert mean["on"][2] > mean["off"][2], report
-    assert mean["head"][2] > mean["off"][2], report   # seen: 22.15 against 22.04 dB
+    assert mean["head"][2] > mean["off"][2], report   # seen (stage 7): 22.15 against 22.04 dB
