@@ -34,8 +34,8 @@ class CFMLatentUpscale(io.ComfyNode):
                 io.Int.Input("noise_augmentation", default=MODEL_NOISE_STEP, min=MODEL_NOISE_STEP, max=999,
                              tooltip="Step (0–999) of the forward diffusion used to noise the upsampled source "
                                      "before the flow. Higher: more invented detail, less faithful; 0: none. "
-                                     "-1: the step the model recommends (325 for the shipped model, for which "
-                                     "400–500 give more detail; the authors' models recommend 400)."),
+                                     "-1: the step the model recommends (325 for the shipped model; 450 gives "
+                                     "it about the photos' amount of detail; the authors' models recommend 400)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the augmentation noise. Item i of a batch uses seed + its "
                                      "batch index, like ComfyUI's samplers."),
