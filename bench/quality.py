@@ -143,7 +143,7 @@ def methods(args, source_vae, cfm, cfm_ck, city96, regression):
 
         def regress(z):
             src = make_source(z * s, reg_ck.method.upsampling_mode, s, source_vae,
-                              back_projection=reg_ck.method.back_projection)
+                              back_projection=reg_ck.method.back_projection, decoder=reg_ck.method.source_decoder)
             return reg_net(src, torch.zeros(()), src) / s
         out["(e) regression baseline"] = regress
     default_step = cfm_ck.method.noise_step
@@ -151,6 +151,7 @@ def methods(args, source_vae, cfm, cfm_ck, city96, regression):
     # up-sampling mode, so that a model/mode mismatch shows in the table.
     rec = f"{cfm_ck.method.solver} {cfm_ck.method.solver_steps}"
     bp = f", back-projected {cfm_ck.method.back_projection:g}" if cfm_ck.method.back_projection else ""
+    bp += f", {cfm_ck.method.source_decoder} decoder" if cfm_ck.method.source_decoder != "vae" else ""
     sc = shading_label(cfm_settings())
     defaults = f"(f) CFM node defaults ({cfm_ck.method.upsampling_mode} mode{bp}, {rec}, k={default_step}{sc})"
     out[defaults] = cfm_run()

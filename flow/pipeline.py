@@ -52,6 +52,7 @@ class UpscaleSettings:
     solver: SolverSettings = SolverSettings()
     size_multiple: int = 1
     back_projection: float = 0.0   # pixel mode: `source.back_project` strength, from the model
+    source_decoder: str = "vae"    # pixel mode: the decoder of the source's pixels (`source.SOURCE_DECODERS`), from the model
     shading_correction: int = 0    # passes of `shading.correct_shading` after the flow (0: none)
     shading_head: bool = False     # run the model's learned shading head (`models.shading_head`) after the flow
 
@@ -101,7 +102,8 @@ def build_source(latent: torch.Tensor, settings: UpscaleSettings, vae: Optional[
     otherwise unload the network in the middle of an upscale."""
     device = torch.device(device) if device is not None else latent.device
     z = latent.to(device, torch.float32) * settings.scale_factor
-    return make_source(z, settings.mode, settings.scale_factor, vae, back_projection=settings.back_projection)
+    return make_source(z, settings.mode, settings.scale_factor, vae, back_projection=settings.back_projection,
+                       decoder=settings.source_decoder)
 
 
 def upscale(network: Network, latent: torch.Tensor, settings: UpscaleSettings, *,

@@ -84,6 +84,7 @@ def resolve(method, *, size_multiple: int = 1, upsampling: str = AUTO, noise_ste
     settings = UpscaleSettings(scale_factor=method.scale_factor, mode=mode,
                                noise_step=step, seed=seed, solver=solver or default_solver(method),
                                size_multiple=size_multiple, back_projection=method.back_projection,
+                               source_decoder=method.source_decoder,
                                shading_correction=passes,
                                shading_head=head)
     return Resolved(settings, mismatch, builtin_vae)

@@ -54,6 +54,8 @@ class MethodSettings:
     #                                      the source when no VAE is connected
     back_projection: float = 0.0         # pixel mode: strength of the back-projection of the up-sampled pixels
     #                                      before the encode (`flow.source.back_project`); 0: models without
+    source_decoder: str = "vae"          # pixel mode: the decoder of the source's pixels, "vae" (the VAE's own) or
+    #                                      "fidelity" (the pack's TAESD fidelity decoder; `flow.source.SOURCE_DECODERS`)
     shading_correction: int = 0          # recommended passes of `flow.shading.correct_shading` after the flow
     #                                      (0: none, the authors' models and models without the field)
     shading_head: bool = False           # the file carries a learned shading head (`models.shading_head`), run

@@ -16,6 +16,7 @@ from _pack import load_pack
 
 def main(argv=None) -> int:
     load_pack()
+    from fmboost.flow.source import SOURCE_DECODERS
     from fmboost.training.train import TrainConfig, train
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="a recipe: JSON of training settings (keys as the options, with _); "
@@ -37,6 +38,8 @@ def main(argv=None) -> int:
                  "back_projection", "sampled_ssim", "sampled_mse", "sampled_detail"):
         ap.add_argument("--" + name.replace("_", "-"), type=float)
     ap.add_argument("--mode", choices=("pixel", "latent"))
+    ap.add_argument("--source-decoder", choices=SOURCE_DECODERS,
+                    help="pixel mode: decoder of the source's pixels (fidelity: the pack's TAESD fidelity decoder)")
     ap.add_argument("--t-dist", choices=("uniform", "logit_normal"))
     ap.add_argument("--solver", choices=("euler", "midpoint", "heun", "rk4"))
     ap.add_argument("--objective", choices=("cfm", "regression"))

@@ -16,6 +16,8 @@ TINY_METHOD = MethodSettings(noise_step=300, upsampling_mode="latent", low_res=1
 # a model trained on back-projected pixel sources built by the pack's TAESD (like the shipped one)
 BACK_PROJECTED_METHOD = MethodSettings(noise_step=300, upsampling_mode="pixel", source_vae="taesd",
                                        back_projection=0.75, low_res=16, high_res=32)
+FIDELITY_SOURCE_METHOD = MethodSettings(noise_step=300, upsampling_mode="pixel", source_vae="taesd",
+                                        source_decoder="fidelity", low_res=16, high_res=32)
 
 
 class RunsCodeIfUnpickled:
@@ -43,6 +45,8 @@ def make_models(models_dir):
     save_checkpoint(cfm / "zero.safetensors", tiny_state(zero_velocity=True), TINY, TINY_METHOD, dtype=None)
     save_checkpoint(cfm / "zero_back_projected.safetensors", tiny_state(zero_velocity=True), TINY,
                     BACK_PROJECTED_METHOD, dtype=None)
+    save_checkpoint(cfm / "zero_fidelity_source.safetensors", tiny_state(zero_velocity=True), TINY,
+                    FIDELITY_SOURCE_METHOD, dtype=None)
     copy_shared(FIXTURES / "small_checkpoint_lightning.ckpt", cfm / "authors_small.ckpt")
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)},
               cfm / "not_cfm.safetensors")

@@ -77,7 +77,8 @@ def downscale2(pixels: torch.Tensor) -> torch.Tensor:
 #     hi     encode(image)                                              (H/8)   the target
 #     lo     encode(image downscaled ×2)                                (H/16)  what a diffusion model makes
 #     latent, pixel  the source on the high-res grid in each up-sampling mode                    (H/8)
-# A store is built for one back-projection strength of the pixel source (`flow.source.back_project`).
+# A store is built for one back-projection strength of the pixel source (`flow.source.back_project`) and one
+# decoder of its pixels (`flow.source.SOURCE_DECODERS`).
 
 SOURCES = MODES   # one stored source per up-sampling mode
 STORE_CHUNK = 64
@@ -97,7 +98,8 @@ def prepare_image(img: torch.Tensor, max_side: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def encode_image(vae, img: torch.Tensor, back_projection: float = 0.0) -> dict[str, torch.Tensor]:
+def encode_image(vae, img: torch.Tensor, back_projection: float = 0.0,
+                 source_decoder: str = "vae") -> dict[str, torch.Tensor]:
     """One prepared image (3, H, W) → its target, low-res latent and every source, network space."""
     s = vae.scale_factor
     device = next(vae.parameters()).device
@@ -106,25 +108,29 @@ def encode_image(vae, img: torch.Tensor, back_projection: float = 0.0) -> dict[s
     lo = vae.encode(downscale2(pixels)) * s
     out["lo"] = lo
     for mode in SOURCES:
-        out[mode] = make_source(lo, mode, s, vae, back_projection=back_projection)
+        out[mode] = make_source(lo, mode, s, vae, back_projection=back_projection, decoder=source_decoder)
     return {k: v[0].to("cpu", torch.bfloat16) for k, v in out.items()}
 
 
-def store_key(images: list[Path], max_side: int, vae_id: str, back_projection: float = 0.0) -> str:
-    # back_projection joins the key only when used, so the stores built before it keep their names
+def store_key(images: list[Path], max_side: int, vae_id: str, back_projection: float = 0.0,
+              source_decoder: str = "vae") -> str:
+    # back_projection and source_decoder join the key only when used, so the stores built before them keep
+    # their names
     return hashlib.sha1(json.dumps([[p.name, p.stat().st_size] for p in images] + [max_side, vae_id,
                                                                                    list(SOURCES)]
-                                   + ([back_projection] if back_projection else []))
+                                   + ([back_projection] if back_projection else [])
+                                   + ([source_decoder] if source_decoder != "vae" else []))
                         .encode()).hexdigest()[:16]
 
 
 def build_store(images: list[Path], vae, vae_id: str, cache_dir: str | os.PathLike, max_side: int = 768,
-                count: int | None = None, progress=None, back_projection: float = 0.0) -> list[Path]:
+                count: int | None = None, progress=None, back_projection: float = 0.0,
+                source_decoder: str = "vae") -> list[Path]:
     """Encode the first `count` images (all by default; whole chunks of STORE_CHUNK) once each, into chunk files
     of a store folder keyed by the whole image list, so a run on fewer images shares the chunks of a run on all
     of them. A stopped build resumes at its first missing chunk. Returns the chunk files."""
     from safetensors.torch import save_file
-    folder = Path(cache_dir) / f"store-{store_key(images, max_side, vae_id, back_projection)}"
+    folder = Path(cache_dir) / f"store-{store_key(images, max_side, vae_id, back_projection, source_decoder)}"
     folder.mkdir(parents=True, exist_ok=True)
     count = len(images) if count is None else min(count, len(images))
     paths = []
@@ -135,11 +141,13 @@ def build_store(images: list[Path], vae, vae_id: str, cache_dir: str | os.PathLi
             continue
         tensors = {}
         for i, p in enumerate(images[start:start + STORE_CHUNK], start):
-            for k, v in encode_image(vae, prepare_image(load_rgb(p), max_side), back_projection).items():
+            for k, v in encode_image(vae, prepare_image(load_rgb(p), max_side), back_projection,
+                                     source_decoder).items():
                 tensors[f"{i}.{k}"] = v.contiguous()
         tmp = path.with_name(path.name + ".partial")
         save_file(tensors, tmp, metadata={"vae": vae_id, "max_side": str(max_side),
-                                          "back_projection": str(float(back_projection))})
+                                          "back_projection": str(float(back_projection)),
+                                          "source_decoder": source_decoder})
         os.replace(tmp, path)
         if progress:
             progress(min(start + STORE_CHUNK, count), count)
@@ -147,9 +155,9 @@ def build_store(images: list[Path], vae, vae_id: str, cache_dir: str | os.PathLi
 
 
 def stored_chunks(folder, vae_id: str, max_images: int | None = None,
-                  back_projection: float = 0.0) -> list[Path]:
+                  back_projection: float = 0.0, source_decoder: str = "vae") -> list[Path]:
     """The chunk files of a latent store built earlier (`build_store`), e.g. carried to a GPU machine without
-    the photos: checked to come from the same VAE and back-projection strength; the first `max_images` worth of
+    the photos: checked to come from the same VAE, back-projection strength and source decoder; the first `max_images` worth of
     them when given."""
     from safetensors import safe_open
     chunks = sorted(Path(folder).glob("chunk-*.safetensors"))
@@ -167,6 +175,10 @@ def stored_chunks(folder, vae_id: str, max_images: int | None = None,
         if made_with != back_projection:
             raise ValueError(f"{path.name} holds pixel sources back-projected with strength {made_with}, not "
                              f"this run's {float(back_projection)}")
+        decoded_by = meta.get("source_decoder", "vae")
+        if decoded_by != source_decoder:
+            raise ValueError(f"{path.name} holds pixel sources decoded by the {decoded_by!r} decoder, not this "
+                             f"run's {source_decoder!r}")
     return chunks
 
 

@@ -54,6 +54,7 @@ class TrainConfig:
     pixel_crop: int = 16            # between the decoded prediction of x1 and the decoded target,
     pixel_lowpass: int = 1          # both averaged over blocks of this many pixels first (1: every pixel)
     back_projection: float = 0.0    # pixel mode: back-projection strength of the source (`flow.source.back_project`)
+    source_decoder: str = "vae"     # pixel mode: the decoder of the source's pixels (`flow.source.SOURCE_DECODERS`)
     noise_steps: list | None = None  # each step draws its noise step from these (None: `noise_step` alone, which
                                     # stays the model's recommended one)
     sampled_ssim: float = 0.0       # losses on the model's own result (`sampled_loss`): the solver run with
@@ -159,7 +160,8 @@ def _method(cfg: TrainConfig) -> MethodSettings:
     source_vae = "taesd" if cfg.vae and Path(cfg.vae).is_dir() and cfg.mode == "pixel" else "connected"
     return MethodSettings(scale_factor=0.18215, upsampling_mode=cfg.mode, noise_step=cfg.noise_step,
                           low_res=cfg.crop // 16, high_res=cfg.crop // 8, latent_family="sd1",
-                          source_vae=source_vae, back_projection=cfg.back_projection, solver=cfg.solver,
+                          source_vae=source_vae, back_projection=cfg.back_projection,
+                          source_decoder=cfg.source_decoder, solver=cfg.solver,
                           solver_steps=cfg.solver_steps)
 
 
@@ -248,7 +250,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     vae, vae_id = load_training_vae(cfg.vae)
     vae.to(device)  # loaded frozen (requires_grad False): the pixel loss differentiates through it, not into it
     if cfg.store:
-        chunks = stored_chunks(cfg.store, vae_id, cfg.max_images, cfg.back_projection)
+        chunks = stored_chunks(cfg.store, vae_id, cfg.max_images, cfg.back_projection, cfg.source_decoder)
         if rank == 0:
             log(f"data: {len(chunks)} chunks of the latent store in {cfg.store}")
     else:
@@ -261,11 +263,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
         cache_dir = Path(os.environ.get("FMBOOST_CACHE") or run_dir / "cache")
         if rank == 0:
             build_store(images, vae, vae_id, cache_dir, cfg.max_side, cfg.max_images,
-                        progress=_cache_progress(log), back_projection=cfg.back_projection)
+                        progress=_cache_progress(log), back_projection=cfg.back_projection,
+                        source_decoder=cfg.source_decoder)
         _barrier(world)
         # found, not rebuilt, by the other ranks
         chunks = build_store(images, vae, vae_id, cache_dir, cfg.max_side, cfg.max_images,
-                             back_projection=cfg.back_projection)
+                             back_projection=cfg.back_projection, source_decoder=cfg.source_decoder)
     store = LatentStore(chunks, cfg.mode, min_size=cfg.crop // 8)
     size = cfg.crop // 8
 

@@ -8,7 +8,7 @@ from fmboost.flow.runtime import cpu_dtype
 from fmboost.flow.schedule import alpha_bar
 from fmboost.models import load_checkpoint
 
-from comfy_support import BACK_PROJECTED_METHOD, TINY_METHOD, read_latent, solver, upscale_prompt
+from comfy_support import BACK_PROJECTED_METHOD, FIDELITY_SOURCE_METHOD, TINY_METHOD, read_latent, solver, upscale_prompt
 from support import FIXTURES, REPO, require_shared
 
 NODES = {"FMBoostLoadCFMModel": "Load CFM Model", "FMBoostLatentUpscale": "CFM Latent Upscale",
@@ -121,27 +121,32 @@ def test_pixel_mode_with_taesd_equals_decode_resize_encode(server, latent_file):
     assert (latent_mode - a).abs().mean() > 0.05  # the two modes really differ
 
 
-def test_the_models_back_projection_builds_the_source(server, latent_file):
-    """A model trained on back-projected pixel sources gets them through the server, with every widget at its
-    default and no VAE connected (the pack's TAESD): with v ≡ 0 the output is the core's source, noised."""
+@pytest.mark.parametrize("name, method, source", [
+    ("zero_back_projected.safetensors", BACK_PROJECTED_METHOD, {"back_projection": 0.75}),
+    ("zero_fidelity_source.safetensors", FIDELITY_SOURCE_METHOD, {"decoder": "fidelity"}),
+], ids=["back_projection", "fidelity_decoder"])
+def test_the_models_source_recipe_builds_the_source(server, latent_file, name, method, source):
+    """A model trained on back-projected pixel sources, or on sources decoded by the pack's fidelity decoder,
+    gets them through the server, with every widget at its default and no VAE connected (the pack's TAESD):
+    with v ≡ 0 the output is that source, noised."""
     from fmboost.flow.source import make_source
     from fmboost.models.taesd import TAESD
     lat = raw_latent(1, 8, 8, seed=3)
-    entry = server.run(upscale_prompt(latent_file(lat), "zero_back_projected.safetensors", mode="auto"))
+    entry = server.run(upscale_prompt(latent_file(lat), name, mode="auto"))
     assert entry["status"]["status_str"] == "success", execution_error(entry)
     out = read_latent(server.output_file(entry, "4"))
-    s, step = BACK_PROJECTED_METHOD.scale_factor, BACK_PROJECTED_METHOD.noise_step
+    s, step = method.scale_factor, method.noise_step
     taesd = TAESD.from_folder(REPO / "weights" / "taesd")
     with torch.inference_mode():
-        projected = make_source(lat * s, "pixel", s, taesd, back_projection=0.75)
+        built = make_source(lat * s, "pixel", s, taesd, **source)
         plain = make_source(lat * s, "pixel", s, taesd)
     a = alpha_bar()[step]
-    expected = (a.sqrt() * projected + (1 - a).sqrt() * item_noise((4, 16, 16), 0, [0])) / s
+    expected = (a.sqrt() * built + (1 - a).sqrt() * item_noise((4, 16, 16), 0, [0])) / s
     # The server's thread count differs from this process's, and the clamp and the second encode carry
     # last-bit differences of the first decode into a few elements (seen: 5e-4): the tolerance of the
-    # pixel-mode test above, two orders below what the back-projection changes.
+    # pixel-mode test above, two orders below what the recipe changes.
     torch.testing.assert_close(out, expected, atol=2e-3, rtol=1e-3)
-    assert (projected - plain).abs().mean() > 0.02   # the back-projection is not a no-op here
+    assert (built - plain).abs().mean() > 0.02   # the recipe is not a no-op here
 
 
 def test_batch_index_selects_the_same_noise_as_in_the_batch(server, latent_file):

@@ -502,3 +502,50 @@ def test_back_projection_is_the_models_setting_and_a_store_is_built_for_one(phot
     assert store_key(images, 192, "x") == store_key(images, 192, "x", 0.0) != store_key(images, 192, "x", 0.75)
     with pytest.raises(ValueError, match="strength 0.75, not this run's 0.0"):
         train(config(photos, tmp_path / "other", store=str(chunks[0].parent), steps=1, val_images=None))
+
+
+def test_a_fidelity_decoded_source_decodes_with_the_fidelity_decoder():
+    """flow.source.make_source with decoder "fidelity": the pack's TAESD decodes the low-res latent with its fidelity
+    decoder before the up-sampling and the encode; a VAE without one (a connected SD VAE) uses its own decoder;
+    an unknown decoder is refused."""
+    from fmboost.flow.source import make_source
+    vae = TAESD.from_folder(TAESD_DIR)
+    assert vae.fidelity_decoder is not None
+    img = torch.from_numpy(np.array(Image.open(REPO / "assets" / "fmboost_example.png").convert("RGB"))
+                           ).float().div(255).permute(2, 0, 1)[None][:, :, :144, :256]
+    s = vae.scale_factor
+    up = lambda x: torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear")  # noqa: E731
+    with torch.inference_mode():
+        lo = vae.encode(img) * s
+        fid = make_source(lo, "pixel", s, vae, decoder="fidelity")
+        torch.testing.assert_close(fid, vae.encode(up(vae.decode_fidelity(lo / s))) * s)
+        plain = make_source(lo, "pixel", s, vae)
+        assert (fid - plain).abs().mean() > 0.02
+
+        class OwnDecoderOnly:   # what a connected VAE offers
+            decode, encode = staticmethod(vae.decode), staticmethod(vae.encode)
+        torch.testing.assert_close(make_source(lo, "pixel", s, OwnDecoderOnly(), decoder="fidelity"), plain)
+        with pytest.raises(ValueError, match="unknown source decoder 'sharp'"):
+            make_source(lo, "pixel", s, vae, decoder="sharp")
+
+
+def test_the_source_decoder_is_the_models_setting_and_a_store_is_built_for_one(photos, tmp_path):
+    """A model trained on fidelity-decoded sources says so in its metadata and the node's settings take it from
+    there (older files: the VAE's own decoder); a store holds sources of one decoder, and a carried store made
+    with another is refused."""
+    from fmboost.flow.settings import resolve
+    from fmboost.models import MethodSettings
+    from fmboost.training.data import store_key
+    train(config(photos, tmp_path, steps=1, val_images=None, source_decoder="fidelity"))
+    ck = load_checkpoint(str(tmp_path / "model.safetensors"))
+    assert ck.method.source_decoder == "fidelity"
+    assert resolve(ck.method).settings.source_decoder == "fidelity"
+    assert resolve(MethodSettings.from_dict({"upsampling_mode": "pixel", "source_vae": "taesd"})
+                   ).settings.source_decoder == "vae"   # models saved before the setting existed
+    chunks = sorted((tmp_path / "run" / "cache").glob("store-*/chunk-*.safetensors"))
+    assert len(chunks) == 1
+    images = sorted((photos / "train").glob("*.jpg"))
+    assert store_key(images, 192, "x") == store_key(images, 192, "x", 0.0, "vae") != store_key(
+        images, 192, "x", 0.0, "fidelity")
+    with pytest.raises(ValueError, match="decoded by the 'fidelity' decoder, not this run's 'vae'"):
+        train(config(photos, tmp_path / "other", store=str(chunks[0].parent), steps=1, val_images=None))
