@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .source import PixelVAE
+from .source import PixelVAE, pixel_decoder
 
 SHADING_SIGMA = 2.0   # output pixels: one pixel of the low-res image. Measured against 1 and 1.5 (bench/RESULTS.md)
 
@@ -42,7 +42,7 @@ def shading_reference(vae: PixelVAE, low: torch.Tensor, sigma: float = SHADING_S
     """Raw low-res latent (B, C, h, w) → what a pass pulls the result's large scales to: the blur (`sigma`
     output px) of bicubic ×2 of its decode, float32. The pack's TAESD decodes it with its fidelity decoder
     (models.taesd.TAESD.decode_fidelity); other VAEs with their decoder."""
-    pixels = getattr(vae, "decode_fidelity", vae.decode)(low).to(low.device, torch.float32)
+    pixels = pixel_decoder(vae, "fidelity")(low).to(low.device, torch.float32)
     reference = F.interpolate(pixels, size=(pixels.shape[-2] * 2, pixels.shape[-1] * 2), mode="bicubic",
                               align_corners=False).clamp(0, 1)
     return gaussian_blur(reference, sigma)

@@ -34,6 +34,14 @@ def bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+def pixel_decoder(vae: PixelVAE, decoder: str = "vae"):
+    """The function that decodes pixel mode's pixels (`SOURCE_DECODERS`): "fidelity" is the VAE's
+    `decode_fidelity` where it has one (the pack's TAESD), its own `decode` otherwise; "vae" its own `decode`."""
+    if decoder not in SOURCE_DECODERS:
+        raise ValueError(f"unknown source decoder {decoder!r}; choose one of {', '.join(SOURCE_DECODERS)}")
+    return getattr(vae, "decode_fidelity", vae.decode) if decoder == "fidelity" else vae.decode
+
+
 def back_project(vae: PixelVAE, pixels: torch.Tensor, strength: float) -> torch.Tensor:
     """Pixels x → pixels whose encoding decodes closer to x: one back-projection step,
     clamp(x + strength · (x − decode(encode(x))), 0, 1); strength 0 gives x back. A VAE's round trip does not give
@@ -58,12 +66,9 @@ def make_source(z_scaled: torch.Tensor, mode: str, scale_factor: float, vae: Pix
         return bilinear(z_scaled, out_size)
     if mode != "pixel":
         raise ValueError(f"unknown up-sampling mode {mode!r}; choose one of {', '.join(MODES)}")
-    if decoder not in SOURCE_DECODERS:
-        raise ValueError(f"unknown source decoder {decoder!r}; choose one of {', '.join(SOURCE_DECODERS)}")
     if vae is None:
         raise ValueError("pixel-space up-sampling needs a VAE: connect one, or use latent up-sampling")
-    decode = getattr(vae, "decode_fidelity", vae.decode) if decoder == "fidelity" else vae.decode
-    pixels = decode(z_scaled / scale_factor)
+    pixels = pixel_decoder(vae, decoder)(z_scaled / scale_factor)
     if pixels.ndim != 4 or pixels.shape[0] != b:
         raise ValueError(f"the VAE decoded a {tuple(pixels.shape)} tensor from a {tuple(z_scaled.shape)} latent")
     pixels = bilinear(pixels.to(torch.float32), (pixels.shape[-2] * factor, pixels.shape[-1] * factor))

@@ -97,9 +97,35 @@ def prepare_image(img: torch.Tensor, max_side: int) -> torch.Tensor:
     return img[:, y:y + h16, x:x + w16]
 
 
+@dataclass(frozen=True)
+class SourceRecipe:
+    """How a store's pixel-mode sources are made: the model's `back_projection` strength and `source_decoder`
+    (`flow.source.make_source`). A store holds sources of one recipe; its chunks say which."""
+    back_projection: float = 0.0
+    decoder: str = "vae"
+
+    def key_parts(self) -> list:
+        # each joins a store's key only when used, so the stores built before it keep their names
+        return ([self.back_projection] if self.back_projection else []) + (
+            [self.decoder] if self.decoder != "vae" else [])
+
+    def metadata(self) -> dict[str, str]:
+        return {"back_projection": str(float(self.back_projection)), "source_decoder": self.decoder}
+
+    def check(self, name: str, meta: dict[str, str]):
+        """Refuse a chunk (its safetensors metadata) made with another recipe."""
+        made_with = float(meta.get("back_projection", "0"))
+        if made_with != self.back_projection:
+            raise ValueError(f"{name} holds pixel sources back-projected with strength {made_with}, not "
+                             f"this run's {float(self.back_projection)}")
+        decoded_by = meta.get("source_decoder", "vae")
+        if decoded_by != self.decoder:
+            raise ValueError(f"{name} holds pixel sources decoded by the {decoded_by!r} decoder, not this "
+                             f"run's {self.decoder!r}")
+
+
 @torch.inference_mode()
-def encode_image(vae, img: torch.Tensor, back_projection: float = 0.0,
-                 source_decoder: str = "vae") -> dict[str, torch.Tensor]:
+def encode_image(vae, img: torch.Tensor, recipe: SourceRecipe = SourceRecipe()) -> dict[str, torch.Tensor]:
     """One prepared image (3, H, W) → its target, low-res latent and every source, network space."""
     s = vae.scale_factor
     device = next(vae.parameters()).device
@@ -108,29 +134,23 @@ def encode_image(vae, img: torch.Tensor, back_projection: float = 0.0,
     lo = vae.encode(downscale2(pixels)) * s
     out["lo"] = lo
     for mode in SOURCES:
-        out[mode] = make_source(lo, mode, s, vae, back_projection=back_projection, decoder=source_decoder)
+        out[mode] = make_source(lo, mode, s, vae, back_projection=recipe.back_projection, decoder=recipe.decoder)
     return {k: v[0].to("cpu", torch.bfloat16) for k, v in out.items()}
 
 
-def store_key(images: list[Path], max_side: int, vae_id: str, back_projection: float = 0.0,
-              source_decoder: str = "vae") -> str:
-    # back_projection and source_decoder join the key only when used, so the stores built before them keep
-    # their names
+def store_key(images: list[Path], max_side: int, vae_id: str, recipe: SourceRecipe = SourceRecipe()) -> str:
     return hashlib.sha1(json.dumps([[p.name, p.stat().st_size] for p in images] + [max_side, vae_id,
                                                                                    list(SOURCES)]
-                                   + ([back_projection] if back_projection else [])
-                                   + ([source_decoder] if source_decoder != "vae" else []))
-                        .encode()).hexdigest()[:16]
+                                   + recipe.key_parts()).encode()).hexdigest()[:16]
 
 
 def build_store(images: list[Path], vae, vae_id: str, cache_dir: str | os.PathLike, max_side: int = 768,
-                count: int | None = None, progress=None, back_projection: float = 0.0,
-                source_decoder: str = "vae") -> list[Path]:
+                count: int | None = None, progress=None, recipe: SourceRecipe = SourceRecipe()) -> list[Path]:
     """Encode the first `count` images (all by default; whole chunks of STORE_CHUNK) once each, into chunk files
     of a store folder keyed by the whole image list, so a run on fewer images shares the chunks of a run on all
     of them. A stopped build resumes at its first missing chunk. Returns the chunk files."""
     from safetensors.torch import save_file
-    folder = Path(cache_dir) / f"store-{store_key(images, max_side, vae_id, back_projection, source_decoder)}"
+    folder = Path(cache_dir) / f"store-{store_key(images, max_side, vae_id, recipe)}"
     folder.mkdir(parents=True, exist_ok=True)
     count = len(images) if count is None else min(count, len(images))
     paths = []
@@ -141,13 +161,10 @@ def build_store(images: list[Path], vae, vae_id: str, cache_dir: str | os.PathLi
             continue
         tensors = {}
         for i, p in enumerate(images[start:start + STORE_CHUNK], start):
-            for k, v in encode_image(vae, prepare_image(load_rgb(p), max_side), back_projection,
-                                     source_decoder).items():
+            for k, v in encode_image(vae, prepare_image(load_rgb(p), max_side), recipe).items():
                 tensors[f"{i}.{k}"] = v.contiguous()
         tmp = path.with_name(path.name + ".partial")
-        save_file(tensors, tmp, metadata={"vae": vae_id, "max_side": str(max_side),
-                                          "back_projection": str(float(back_projection)),
-                                          "source_decoder": source_decoder})
+        save_file(tensors, tmp, metadata={"vae": vae_id, "max_side": str(max_side)} | recipe.metadata())
         os.replace(tmp, path)
         if progress:
             progress(min(start + STORE_CHUNK, count), count)
@@ -155,10 +172,10 @@ def build_store(images: list[Path], vae, vae_id: str, cache_dir: str | os.PathLi
 
 
 def stored_chunks(folder, vae_id: str, max_images: int | None = None,
-                  back_projection: float = 0.0, source_decoder: str = "vae") -> list[Path]:
+                  recipe: SourceRecipe = SourceRecipe()) -> list[Path]:
     """The chunk files of a latent store built earlier (`build_store`), e.g. carried to a GPU machine without
-    the photos: checked to come from the same VAE, back-projection strength and source decoder; the first `max_images` worth of
-    them when given."""
+    the photos: checked to come from the same VAE and source recipe; the first `max_images` worth of them when
+    given."""
     from safetensors import safe_open
     chunks = sorted(Path(folder).glob("chunk-*.safetensors"))
     if not chunks:
@@ -171,14 +188,7 @@ def stored_chunks(folder, vae_id: str, max_images: int | None = None,
         made_by = meta.get("vae")
         if made_by != vae_id:
             raise ValueError(f"{path.name} was encoded with {made_by!r}, not this run's VAE {vae_id!r}")
-        made_with = float(meta.get("back_projection", "0"))
-        if made_with != back_projection:
-            raise ValueError(f"{path.name} holds pixel sources back-projected with strength {made_with}, not "
-                             f"this run's {float(back_projection)}")
-        decoded_by = meta.get("source_decoder", "vae")
-        if decoded_by != source_decoder:
-            raise ValueError(f"{path.name} holds pixel sources decoded by the {decoded_by!r} decoder, not this "
-                             f"run's {source_decoder!r}")
+        recipe.check(path.name, meta)
     return chunks
 
 

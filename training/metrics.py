@@ -50,6 +50,27 @@ def high_frequency_energy(img: torch.Tensor, cutoff: float = 0.25) -> torch.Tens
     return (spec * mask).flatten(1).sum(1).float()
 
 
+def edge_mask(img: torch.Tensor, threshold: float, radius: int = 3) -> torch.Tensor:
+    """(B, 1, H, W): 1 within `radius` px of the image's strong edges, where the gradient magnitude of its luma
+    (blurred by 1 px; luma units per pixel) exceeds `threshold`, 0 elsewhere."""
+    from ..flow.shading import gaussian_blur
+    y = gaussian_blur(luma(img).float(), 1.0)
+    gy, gx = torch.zeros_like(y), torch.zeros_like(y)
+    gy[..., 1:-1, :] = (y[..., 2:, :] - y[..., :-2, :]) / 2
+    gx[..., :, 1:-1] = (y[..., :, 2:] - y[..., :, :-2]) / 2
+    edges = ((gy ** 2 + gx ** 2).sqrt() > threshold).float()
+    return F.max_pool2d(edges, 2 * radius + 1, stride=1, padding=radius)
+
+
+def high_pass_energy(img: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Energy of luma minus its 1 px Gaussian blur (about the band above 0.2 cycles/pixel), summed per image
+    over the pixels where `keep` (B, 1, H, W) is 1 (all without it)."""
+    from ..flow.shading import gaussian_blur
+    y = luma(img).float()
+    e = (y - gaussian_blur(y, 1.0)) ** 2
+    return (e if keep is None else e * keep).flatten(1).sum(1)
+
+
 def detail_ratio(result: torch.Tensor, truth: torch.Tensor, cutoff: float = 0.25) -> torch.Tensor:
     """High-frequency energy of the result over that of the ground truth: 1.0 is ideal, blur falls below."""
     return high_frequency_energy(result, cutoff) / high_frequency_energy(truth, cutoff).clamp_min(1e-12)

@@ -27,7 +27,7 @@ from ..flow.settings import resolve
 from ..models import MethodSettings, UNetConfig, save_checkpoint
 from ..models.unet import CFMUNet
 from . import metrics
-from .data import LatentStore, build_store, load_rgb, scan_images, stored_chunks
+from .data import LatentStore, SourceRecipe, build_store, load_rgb, scan_images, stored_chunks
 
 
 @dataclass
@@ -61,6 +61,9 @@ class TrainConfig:
     sampled_mse: float = 0.0        # gradients from the noised source on `pixel_items` items, decoded in a
     sampled_detail: float = 0.0     # `pixel_crop`² latent window: weights of 1 − SSIM, of the pixel MSE and of
     detail_range: list = field(default_factory=lambda: [0.8, 1.3])  # a penalty when its detail ratio leaves this
+    detail_edge_threshold: float = 0.0  # > 0: that ratio leaves out the target's strong edges (luma gradient
+                                    # above this per pixel, `metrics.edge_mask`), so the model cannot meet its
+                                    # floor with texture drawn along them; 0: every pixel (the spectrum's ratio)
     batch: int = 32
     lr: float = 2e-4
     warmup: int = 500
@@ -176,6 +179,7 @@ def export(cfg: TrainConfig, ema_net, step: int, extra: dict | None = None):
     if sampled(cfg):
         info |= {"sampled_ssim": cfg.sampled_ssim, "sampled_mse": cfg.sampled_mse,
                  "sampled_detail": cfg.sampled_detail, "detail_range": list(cfg.detail_range),
+                 "detail_edge_threshold": cfg.detail_edge_threshold,
                  "pixel_items": cfg.pixel_items, "pixel_crop": cfg.pixel_crop, "solver_steps": cfg.solver_steps}
     # Written beside and renamed into place, so a model folder never holds a half-written file.
     tmp = Path(cfg.out).with_name(Path(cfg.out).name + ".partial")
@@ -249,8 +253,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
     vae, vae_id = load_training_vae(cfg.vae)
     vae.to(device)  # loaded frozen (requires_grad False): the pixel loss differentiates through it, not into it
+    recipe = SourceRecipe(cfg.back_projection, cfg.source_decoder)
     if cfg.store:
-        chunks = stored_chunks(cfg.store, vae_id, cfg.max_images, cfg.back_projection, cfg.source_decoder)
+        chunks = stored_chunks(cfg.store, vae_id, cfg.max_images, recipe)
         if rank == 0:
             log(f"data: {len(chunks)} chunks of the latent store in {cfg.store}")
     else:
@@ -263,12 +268,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
         cache_dir = Path(os.environ.get("FMBOOST_CACHE") or run_dir / "cache")
         if rank == 0:
             build_store(images, vae, vae_id, cache_dir, cfg.max_side, cfg.max_images,
-                        progress=_cache_progress(log), back_projection=cfg.back_projection,
-                        source_decoder=cfg.source_decoder)
+                        progress=_cache_progress(log), recipe=recipe)
         _barrier(world)
         # found, not rebuilt, by the other ranks
-        chunks = build_store(images, vae, vae_id, cache_dir, cfg.max_side, cfg.max_images,
-                             back_projection=cfg.back_projection, source_decoder=cfg.source_decoder)
+        chunks = build_store(images, vae, vae_id, cache_dir, cfg.max_side, cfg.max_images, recipe=recipe)
     store = LatentStore(chunks, cfg.mode, min_size=cfg.crop // 8)
     size = cfg.crop // 8
 
@@ -441,7 +444,9 @@ def sampled_loss(model, vae, x0: torch.Tensor, z1: torch.Tensor, src: torch.Tens
     `sampled_mse` · pixel MSE reward the detail the model gets right; alone they would make it average its
     guesses into blur, so `sampled_detail` · (log of how far the windows' detail ratio, their high-frequency
     energy over the target's (`metrics.high_frequency_energy`), lies outside `detail_range`)² holds its amount of
-    detail. Returns the weighted sum ("loss") and its parts (plain numbers)."""
+    detail. With `detail_edge_threshold` the ratio is that of the high-pass energy (`metrics.high_pass_energy`)
+    away from the target's strong edges: the texture a floor asks for cannot be drawn along them. Returns the
+    weighted sum ("loss") and its parts (plain numbers)."""
     if cfg.solver != "euler":
         raise ValueError(f"the sampled losses run the Euler solver; this recipe's solver is {cfg.solver!r}")
     n = min(cfg.pixel_items, z1.shape[0])
@@ -455,7 +460,12 @@ def sampled_loss(model, vae, x0: torch.Tensor, z1: torch.Tensor, src: torch.Tens
     result = decoded(x1)
     ssim_loss = (1 - metrics.ssim(result, target)).mean()
     mse = F.mse_loss(result, target)
-    ratio = metrics.high_frequency_energy(result).sum() / metrics.high_frequency_energy(target).sum().clamp_min(1e-8)
+    if cfg.detail_edge_threshold:
+        keep = 1 - metrics.edge_mask(target, cfg.detail_edge_threshold)
+        energy = lambda img: metrics.high_pass_energy(img, keep)  # noqa: E731
+    else:
+        energy = metrics.high_frequency_energy
+    ratio = energy(result).sum() / energy(target).sum().clamp_min(1e-8)
     low, high = (math.log(v) for v in cfg.detail_range)
     log_ratio = torch.log(ratio.clamp_min(1e-6))
     detail = F.relu(low - log_ratio) ** 2 + F.relu(log_ratio - high) ** 2

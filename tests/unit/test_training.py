@@ -439,6 +439,47 @@ def test_sampled_losses_score_the_solvers_own_result():
                      torch.Generator().manual_seed(1))
 
 
+def test_the_detail_floor_can_be_measured_away_from_strong_edges():
+    """With `detail_edge_threshold`, the detail ratio of the sampled losses leaves out the target's strong edges:
+    speckles drawn along an edge (what a floor taught a network trained on fidelity-decoded sources) add nothing
+    to it, while the same speckles in a flat area count; every-pixel ratio (the spectrum's) counts both."""
+    from fmboost.training import metrics
+    from fmboost.training.train import sampled_loss
+    g = torch.Generator().manual_seed(0)
+    target = torch.full((1, 3, 64, 64), 0.2)
+    target[..., 32:] = 0.8                                   # a vertical edge at x = 32
+    target = target + 0.01 * torch.randn(target.shape, generator=g)   # faint texture everywhere
+    speckle = 0.08 * torch.randn((1, 1, 64, 2), generator=g)
+    along, flat = target.clone(), target.clone()
+    along[..., 29:31] -= speckle                             # dark speckles beside the edge
+    flat[..., 8:10] -= speckle                               # the same, far from it
+    keep = 1 - metrics.edge_mask(target, 0.05)
+    assert keep[0, 0, :, 29:36].sum() == 0 and keep[0, 0, :, :26].min() == 1 and keep[0, 0, :, 39:].min() == 1
+
+    def ratio(x, k=None):
+        return (metrics.high_pass_energy(x, k) / metrics.high_pass_energy(target, k)).item()
+    assert ratio(along, keep) == pytest.approx(1, abs=1e-2)
+    assert ratio(flat, keep) > 5
+    # without the mask both count alike, and the edge's own energy hides them
+    assert ratio(along) == pytest.approx(ratio(flat), rel=0.05) and ratio(along) > 1.1
+    assert metrics.detail_ratio(along, target).item() > 1.1
+
+    # through the sampled losses: the decoded windows of a result with and without the threshold
+    vae = TAESD.from_folder(TAESD_DIR)
+    z1 = vae.encode(target.clamp(0, 1)) * vae.scale_factor
+    z_along, z_flat = (vae.encode(x.clamp(0, 1)) * vae.scale_factor for x in (along, flat))
+    cfg = TrainConfig(images="", out="", run_dir="", vae=str(TAESD_DIR), solver="euler", solver_steps=1,
+                      pixel_items=1, pixel_crop=8, sampled_ssim=1.0, sampled_detail=10.0)
+    guarded = TrainConfig(**(cfg.__dict__ | {"detail_edge_threshold": 0.05}))
+    x0 = torch.zeros_like(z1)
+
+    def scored(result, c):   # Euler lands on `result`
+        return sampled_loss(lambda x, t, ctx: result - x0, vae, x0, z1, z1, c,
+                            torch.Generator().manual_seed(1))["detail_ratio"]
+    assert scored(z_along, guarded) < 1 < 1.15 < scored(z_along, cfg)   # the speckles along the edge: left out
+    assert scored(z_flat, guarded) > 5                                   # in the flat area: counted
+
+
 def test_training_with_the_sampled_losses_records_them(photos, tmp_path):
     out = train(config(photos, tmp_path, noise_steps=[250, 300], sampled_ssim=1.0, sampled_mse=20.0,
                        sampled_detail=10.0, detail_range=[0.6, 1.3], pixel_items=2, pixel_crop=4,
@@ -489,7 +530,7 @@ def test_back_projection_is_the_models_setting_and_a_store_is_built_for_one(phot
     there; a store holds sources for one strength, and a carried store made for another is refused."""
     from fmboost.flow.settings import resolve
     from fmboost.models import MethodSettings
-    from fmboost.training.data import store_key
+    from fmboost.training.data import SourceRecipe, store_key
     train(config(photos, tmp_path, steps=1, val_images=None, back_projection=0.75))
     ck = load_checkpoint(str(tmp_path / "model.safetensors"))
     assert ck.method.back_projection == 0.75
@@ -499,7 +540,8 @@ def test_back_projection_is_the_models_setting_and_a_store_is_built_for_one(phot
     chunks = sorted((tmp_path / "run" / "cache").glob("store-*/chunk-*.safetensors"))
     assert len(chunks) == 1
     images = sorted((photos / "train").glob("*.jpg"))
-    assert store_key(images, 192, "x") == store_key(images, 192, "x", 0.0) != store_key(images, 192, "x", 0.75)
+    assert store_key(images, 192, "x") == store_key(images, 192, "x", SourceRecipe(0.0)) != store_key(
+        images, 192, "x", SourceRecipe(0.75))
     with pytest.raises(ValueError, match="strength 0.75, not this run's 0.0"):
         train(config(photos, tmp_path / "other", store=str(chunks[0].parent), steps=1, val_images=None))
 
@@ -535,7 +577,7 @@ def test_the_source_decoder_is_the_models_setting_and_a_store_is_built_for_one(p
     with another is refused."""
     from fmboost.flow.settings import resolve
     from fmboost.models import MethodSettings
-    from fmboost.training.data import store_key
+    from fmboost.training.data import SourceRecipe, store_key
     train(config(photos, tmp_path, steps=1, val_images=None, source_decoder="fidelity"))
     ck = load_checkpoint(str(tmp_path / "model.safetensors"))
     assert ck.method.source_decoder == "fidelity"
@@ -545,7 +587,7 @@ def test_the_source_decoder_is_the_models_setting_and_a_store_is_built_for_one(p
     chunks = sorted((tmp_path / "run" / "cache").glob("store-*/chunk-*.safetensors"))
     assert len(chunks) == 1
     images = sorted((photos / "train").glob("*.jpg"))
-    assert store_key(images, 192, "x") == store_key(images, 192, "x", 0.0, "vae") != store_key(
-        images, 192, "x", 0.0, "fidelity")
+    assert store_key(images, 192, "x") == store_key(images, 192, "x", SourceRecipe(0.0, "vae")) != store_key(
+        images, 192, "x", SourceRecipe(0.0, "fidelity"))
     with pytest.raises(ValueError, match="decoded by the 'fidelity' decoder, not this run's 'vae'"):
         train(config(photos, tmp_path / "other", store=str(chunks[0].parent), steps=1, val_images=None))
