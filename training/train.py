@@ -153,6 +153,18 @@ def _lr_at(step, cfg):
     return lr
 
 
+def training_precision(precision: str, device: torch.device) -> str:
+    """The autocast a recipe's `precision` gets on this device: as asked, except bf16 on a CPU without bf16
+    instructions, which trains in fp32 (flow.runtime.cpu_dtype: emulated bf16 is far slower). fp16 autocast is
+    for GPUs."""
+    if device.type != "cpu":
+        return precision
+    if precision == "fp16":
+        raise ValueError("fp16 autocast is for GPUs; use --precision bf16 on the CPU")
+    from ..flow.runtime import cpu_dtype
+    return "fp32" if precision == "bf16" and cpu_dtype() != torch.bfloat16 else precision
+
+
 def _save_atomic(obj, path: Path):
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -302,11 +314,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
             log(f"resumed from step {step}")
     ema.model.to(device)
     model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
-    if device.type == "cpu" and cfg.precision == "fp16":
-        raise ValueError("fp16 autocast is for GPUs; use --precision bf16 on the CPU")
-    use_amp = cfg.precision in ("bf16", "fp16")
-    amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and cfg.precision == "fp16")
+    precision = training_precision(cfg.precision, device)
+    if precision != cfg.precision and rank == 0:
+        log(f"this CPU has no bf16 instructions (AVX512-BF16 or AMX): {cfg.precision} autocast would be emulated, "
+            f"tens of times slower than fp32 (bench/RESULTS.md, *CPU precision*); training in {precision}")
+    use_amp = precision in ("bf16", "fp16")
+    amp_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and precision == "fp16")
     validator = Validator(cfg, vae, device) if (rank == 0 and cfg.val_images) else None
 
     def save():
