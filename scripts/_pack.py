@@ -24,15 +24,19 @@ def repo_path(path) -> Path:
 
 
 def read_recipe(args, overrides, keys=None) -> dict:
-    """The JSON recipe at `args.config`, with each option in `overrides` that the command line gave written over
-    it; with `keys`, a recipe holding any other key is refused (SystemExit naming them)."""
+    """The JSON recipe of a CPU trainer at `args.config`, with each option in `overrides` that the command line
+    gave written over it; with `keys`, a recipe holding any other key is refused (SystemExit naming them). Its
+    `precision` (bf16 unless given) is what this CPU runs fast (`training.train.training_precision`)."""
     import json
+    import torch
     recipe = json.loads(Path(args.config).read_text())
     if keys is not None and (unknown := set(recipe) - set(keys)):
         raise SystemExit(f"{args.config}: unknown recipe keys {sorted(unknown)}")
     for key in overrides:
         if getattr(args, key) is not None:
             recipe[key] = getattr(args, key)
+    from fmboost.training.train import training_precision
+    recipe["precision"] = training_precision(recipe.get("precision", "bf16"), torch.device("cpu"), print)
     return recipe
 
 

@@ -153,16 +153,22 @@ def _lr_at(step, cfg):
     return lr
 
 
-def training_precision(precision: str, device: torch.device) -> str:
-    """The autocast a recipe's `precision` gets on this device: as asked, except bf16 on a CPU without bf16
-    instructions, which trains in fp32 (flow.runtime.cpu_dtype: emulated bf16 is far slower). fp16 autocast is
-    for GPUs."""
+def training_precision(precision: str, device: torch.device, log=None) -> str:
+    """The precision a recipe's `precision` gets on this device: as asked, except bf16 on a CPU without bf16
+    instructions, which runs in fp32 (flow.runtime.cpu_dtype: emulated bf16 is far slower), said to `log`. fp16
+    autocast is for GPUs. Every CPU trainer of the pack (this one, the shading head's, the encoder move's, the
+    fidelity decoder's) takes its precision from here."""
     if device.type != "cpu":
         return precision
     if precision == "fp16":
         raise ValueError("fp16 autocast is for GPUs; use --precision bf16 on the CPU")
     from ..flow.runtime import cpu_dtype
-    return "fp32" if precision == "bf16" and cpu_dtype() != torch.bfloat16 else precision
+    if precision != "bf16" or cpu_dtype() == torch.bfloat16:
+        return precision
+    if log:
+        log("this CPU has no bf16 instructions (AVX512-BF16 or AMX): bf16 would be emulated, tens of times slower "
+            "than fp32 (bench/RESULTS.md, *CPU precision*); training in fp32")
+    return "fp32"
 
 
 def _save_atomic(obj, path: Path):
@@ -314,10 +320,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
             log(f"resumed from step {step}")
     ema.model.to(device)
     model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
-    precision = training_precision(cfg.precision, device)
-    if precision != cfg.precision and rank == 0:
-        log(f"this CPU has no bf16 instructions (AVX512-BF16 or AMX): {cfg.precision} autocast would be emulated, "
-            f"tens of times slower than fp32 (bench/RESULTS.md, *CPU precision*); training in {precision}")
+    precision = training_precision(cfg.precision, device, log if rank == 0 else None)
     use_amp = precision in ("bf16", "fp16")
     amp_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and precision == "fp16")
