@@ -35,7 +35,8 @@ def main(argv=None) -> int:
                  "pixel_lowpass"):
         ap.add_argument("--" + name.replace("_", "-"), type=int)
     for name in ("lr", "weight_decay", "ema", "grad_clip", "max_minutes", "t_mean", "pixel_loss",
-                 "back_projection", "sampled_ssim", "sampled_mse", "sampled_detail", "detail_edge_threshold"):
+                 "back_projection", "sampled_ssim", "sampled_mse", "sampled_detail", "detail_edge_threshold",
+                 "detail_ceiling", "detail_ceiling_ratio"):
         ap.add_argument("--" + name.replace("_", "-"), type=float)
     ap.add_argument("--mode", choices=("pixel", "latent"))
     ap.add_argument("--source-decoder", choices=SOURCE_DECODERS,

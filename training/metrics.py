@@ -1,6 +1,8 @@
 """Image-quality metrics for validation and the benchmark. Images are (B, 3, H, W) in [0, 1]."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -62,13 +64,29 @@ def edge_mask(img: torch.Tensor, threshold: float, radius: int = 3) -> torch.Ten
     return F.max_pool2d(edges, 2 * radius + 1, stride=1, padding=radius)
 
 
-def high_pass_energy(img: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Energy of luma minus its 1 px Gaussian blur (about the band above 0.2 cycles/pixel), summed per image
-    over the pixels where `keep` (B, 1, H, W) is 1 (all without it)."""
+def high_pass_map(img: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W): the energy of luma minus its 1 px Gaussian blur at each pixel (about the band above 0.2
+    cycles/pixel)."""
     from ..flow.shading import gaussian_blur
     y = luma(img).float()
-    e = (y - gaussian_blur(y, 1.0)) ** 2
+    return (y - gaussian_blur(y, 1.0)) ** 2
+
+
+def high_pass_energy(img: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """`high_pass_map` summed per image over the pixels where `keep` (B, 1, H, W) is 1 (all without it)."""
+    e = high_pass_map(img)
     return (e if keep is None else e * keep).flatten(1).sum(1)
+
+
+def excess_detail(result: torch.Tensor, target: torch.Tensor, ratio: float, block: int = 16) -> torch.Tensor:
+    """How far the result's high-pass energy rises above `ratio` × the target's, block by block (`block` px):
+    the mean over blocks of log((E_result + f) / (E_target + f)) − log(ratio), where positive, squared. f, a tenth
+    of the target's mean block energy, keeps flat blocks from dividing by nothing: grain drawn on a flat surface
+    counts against its neighbours' texture, not as infinite. 0 when the result has no more texture anywhere."""
+    er = F.avg_pool2d(high_pass_map(result), block)
+    et = F.avg_pool2d(high_pass_map(target), block)
+    f = 0.1 * et.mean().clamp_min(1e-8)
+    return (F.relu(torch.log((er + f) / (et + f)) - math.log(ratio)) ** 2).mean()
 
 
 def detail_ratio(result: torch.Tensor, truth: torch.Tensor, cutoff: float = 0.25) -> torch.Tensor:

@@ -64,6 +64,8 @@ class TrainConfig:
     detail_edge_threshold: float = 0.0  # > 0: that ratio leaves out the target's strong edges (luma gradient
                                     # above this per pixel, `metrics.edge_mask`), so the model cannot meet its
                                     # floor with texture drawn along them; 0: every pixel (the spectrum's ratio)
+    detail_ceiling: float = 0.0     # weight of a ceiling block by block (`metrics.excess_detail`): a penalty where
+    detail_ceiling_ratio: float = 2.0  # the result has more than this × the target's texture, at any contrast
     batch: int = 32
     lr: float = 2e-4
     warmup: int = 500
@@ -197,7 +199,8 @@ def export(cfg: TrainConfig, ema_net, step: int, extra: dict | None = None):
     if sampled(cfg):
         info |= {"sampled_ssim": cfg.sampled_ssim, "sampled_mse": cfg.sampled_mse,
                  "sampled_detail": cfg.sampled_detail, "detail_range": list(cfg.detail_range),
-                 "detail_edge_threshold": cfg.detail_edge_threshold,
+                 "detail_edge_threshold": cfg.detail_edge_threshold, "detail_ceiling": cfg.detail_ceiling,
+                 "detail_ceiling_ratio": cfg.detail_ceiling_ratio,
                  "pixel_items": cfg.pixel_items, "pixel_crop": cfg.pixel_crop, "solver_steps": cfg.solver_steps}
     # Written beside and renamed into place, so a model folder never holds a half-written file.
     tmp = Path(cfg.out).with_name(Path(cfg.out).name + ".partial")
@@ -462,7 +465,9 @@ def sampled_loss(model, vae, x0: torch.Tensor, z1: torch.Tensor, src: torch.Tens
     guesses into blur, so `sampled_detail` · (log of how far the windows' detail ratio, their high-frequency
     energy over the target's (`metrics.high_frequency_energy`), lies outside `detail_range`)² holds its amount of
     detail. With `detail_edge_threshold` the ratio is that of the high-pass energy (`metrics.high_pass_energy`)
-    away from the target's strong edges: the texture a floor asks for cannot be drawn along them. Returns the
+    away from the target's strong edges: the texture a floor asks for cannot be drawn along them; with
+    `detail_ceiling`, `metrics.excess_detail` penalises texture above the target's block by block, so it cannot be
+    drawn where the target has none either. Returns the
     weighted sum ("loss") and its parts (plain numbers)."""
     if cfg.solver != "euler":
         raise ValueError(f"the sampled losses run the Euler solver; this recipe's solver is {cfg.solver!r}")
@@ -486,9 +491,12 @@ def sampled_loss(model, vae, x0: torch.Tensor, z1: torch.Tensor, src: torch.Tens
     low, high = (math.log(v) for v in cfg.detail_range)
     log_ratio = torch.log(ratio.clamp_min(1e-6))
     detail = F.relu(low - log_ratio) ** 2 + F.relu(log_ratio - high) ** 2
-    loss = cfg.sampled_ssim * ssim_loss + cfg.sampled_mse * mse + cfg.sampled_detail * detail
+    ceiling = metrics.excess_detail(result, target, cfg.detail_ceiling_ratio) if cfg.detail_ceiling else \
+        torch.zeros(())
+    loss = cfg.sampled_ssim * ssim_loss + cfg.sampled_mse * mse + cfg.sampled_detail * detail + \
+        cfg.detail_ceiling * ceiling
     return {"loss": loss, "ssim": 1 - ssim_loss.item(), "mse": mse.item(), "detail_ratio": ratio.item(),
-            "detail": detail.item()}
+            "detail": detail.item(), "ceiling": ceiling.item()}
 
 
 def training_images(usable: list, seed: int) -> list:

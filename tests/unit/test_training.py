@@ -480,6 +480,46 @@ def test_the_detail_floor_can_be_measured_away_from_strong_edges():
     assert scored(z_flat, guarded) > 5                                   # in the flat area: counted
 
 
+def test_the_detail_ceiling_penalises_texture_only_where_the_target_has_none():
+    """metrics.excess_detail: 0 for the target itself and for a result with as much texture as the target where
+    the target has it; positive for grain drawn on the target's flat surface, and growing with it; through the
+    sampled losses, `detail_ceiling` adds it (times its weight) and reports it."""
+    from fmboost.training import metrics
+    from fmboost.training.train import sampled_loss
+    g = torch.Generator().manual_seed(0)
+    target = torch.full((1, 3, 64, 64), 0.5)
+    texture = 0.05 * torch.randn((1, 1, 64, 32), generator=g)
+    target[..., :32] += texture                              # textured left half, flat right half
+    grain = 0.05 * torch.randn((1, 1, 64, 32), generator=g)
+    retextured, grainy, grainier = target.clone(), target.clone(), target.clone()
+    retextured[..., :32] += grain - texture                  # other texture of the same strength, same place
+    grainy[..., 32:] += 0.5 * grain                          # grain on the flat half
+    grainier[..., 32:] += grain
+    assert metrics.excess_detail(target, target, 2.0).item() == 0
+    assert metrics.excess_detail(retextured, target, 2.0).item() == 0
+    assert 0 < metrics.excess_detail(grainy, target, 2.0).item() < metrics.excess_detail(grainier, target, 2.0).item()
+    # the floor's whole-window ratio sees more energy in a result whose extra texture lies where the target's
+    # does, and the ceiling none there
+    more = target.clone()
+    more[..., :32] += 0.73 * grain
+    assert metrics.high_pass_energy(more).item() > metrics.high_pass_energy(grainy).item()
+    assert metrics.excess_detail(more, target, 2.0).item() == 0 < metrics.excess_detail(grainy, target, 2.0).item()
+
+    vae = TAESD.from_folder(TAESD_DIR)
+    z1, z_grainy = (vae.encode(x.clamp(0, 1)) * vae.scale_factor for x in (target, grainier))
+    cfg = TrainConfig(images="", out="", run_dir="", vae=str(TAESD_DIR), solver="euler", solver_steps=1,
+                      pixel_items=1, pixel_crop=8, sampled_ssim=1.0)
+    capped = TrainConfig(**(cfg.__dict__ | {"detail_ceiling": 10.0}))
+    x0 = torch.zeros_like(z1)
+
+    def scored(result, c):   # Euler lands on `result`
+        return sampled_loss(lambda x, t, ctx: result - x0, vae, x0, z1, z1, c, torch.Generator().manual_seed(1))
+    plain, with_ceiling = scored(z_grainy, cfg), scored(z_grainy, capped)
+    assert plain["ceiling"] == 0 < with_ceiling["ceiling"]
+    assert with_ceiling["loss"].item() == pytest.approx(plain["loss"].item() + 10 * with_ceiling["ceiling"], rel=1e-4)
+    assert scored(z1, capped)["ceiling"] == 0
+
+
 def test_training_with_the_sampled_losses_records_them(photos, tmp_path):
     out = train(config(photos, tmp_path, noise_steps=[250, 300], sampled_ssim=1.0, sampled_mse=20.0,
                        sampled_detail=10.0, detail_range=[0.6, 1.3], pixel_items=2, pixel_crop=4,
