@@ -400,6 +400,11 @@ def test_training_with_the_pixel_loss_records_it(photos, tmp_path):
     assert [training[k] for k in ("pixel_loss", "pixel_items", "pixel_crop", "pixel_lowpass")] == [20.0, 2, 4, 2]
 
 
+def landing_on(result, x0):
+    """A model of constant velocity: the Euler solver from x0 lands exactly on `result`, whatever its steps."""
+    return lambda x, t, ctx: result[:x.shape[0]] - x0[:x.shape[0]]
+
+
 def test_sampled_losses_score_the_solvers_own_result():
     """`sampled_loss` runs the Euler solver from x0 and scores its decoded result: a velocity that lands on the
     target costs nothing; one that lands on a blurred target loses SSIM and is held by the detail floor; the
@@ -416,17 +421,16 @@ def test_sampled_losses_score_the_solvers_own_result():
     cfg = TrainConfig(images="", out="", run_dir="", vae=str(TAESD_DIR), solver="euler", solver_steps=2,
                       pixel_items=2, pixel_crop=12, sampled_ssim=1.0, sampled_mse=20.0, sampled_detail=10.0)
 
-    def towards(target):   # a constant velocity: Euler lands exactly on `target`
-        return lambda x, t, ctx: target - x0[:x.shape[0]]
-    exact = sampled_loss(towards(z1), vae, x0, z1, src, cfg, torch.Generator().manual_seed(1))
+    exact = sampled_loss(landing_on(z1, x0), vae, x0, z1, src, cfg, torch.Generator().manual_seed(1))
     assert exact["loss"].item() == pytest.approx(0, abs=1e-6) and exact["ssim"] == pytest.approx(1, abs=1e-6)
     assert exact["detail_ratio"] == pytest.approx(1, abs=1e-4)
-    blurred = sampled_loss(towards(gaussian_blur(z1, 1.5)), vae, x0, z1, src, cfg, torch.Generator().manual_seed(1))
+    blurred = sampled_loss(landing_on(gaussian_blur(z1, 1.5), x0), vae, x0, z1, src, cfg,
+                           torch.Generator().manual_seed(1))
     assert blurred["detail_ratio"] < 0.5 and blurred["detail"] > 0.1 and blurred["ssim"] < 0.95
     assert blurred["loss"].item() > 10 * blurred["detail"] > 0
     # the floor alone: inside detail_range the detail term is 0
     loose = TrainConfig(**(cfg.__dict__ | {"detail_range": [0.01, 1.3]}))
-    assert sampled_loss(towards(gaussian_blur(z1, 1.5)), vae, x0, z1, src, loose,
+    assert sampled_loss(landing_on(gaussian_blur(z1, 1.5), x0), vae, x0, z1, src, loose,
                         torch.Generator().manual_seed(1))["detail"] == 0
     torch.manual_seed(0)
     net = CFMUNet(UNetConfig.from_dict(TINY_NET))
@@ -473,8 +477,8 @@ def test_the_detail_floor_can_be_measured_away_from_strong_edges():
     guarded = TrainConfig(**(cfg.__dict__ | {"detail_edge_threshold": 0.05}))
     x0 = torch.zeros_like(z1)
 
-    def scored(result, c):   # Euler lands on `result`
-        return sampled_loss(lambda x, t, ctx: result - x0, vae, x0, z1, z1, c,
+    def scored(result, c):
+        return sampled_loss(landing_on(result, x0), vae, x0, z1, z1, c,
                             torch.Generator().manual_seed(1))["detail_ratio"]
     assert scored(z_along, guarded) < 1 < 1.15 < scored(z_along, cfg)   # the speckles along the edge: left out
     assert scored(z_flat, guarded) > 5                                   # in the flat area: counted
@@ -512,8 +516,8 @@ def test_the_detail_ceiling_penalises_texture_only_where_the_target_has_none():
     capped = TrainConfig(**(cfg.__dict__ | {"detail_ceiling": 10.0}))
     x0 = torch.zeros_like(z1)
 
-    def scored(result, c):   # Euler lands on `result`
-        return sampled_loss(lambda x, t, ctx: result - x0, vae, x0, z1, z1, c, torch.Generator().manual_seed(1))
+    def scored(result, c):
+        return sampled_loss(landing_on(result, x0), vae, x0, z1, z1, c, torch.Generator().manual_seed(1))
     plain, with_ceiling = scored(z_grainy, cfg), scored(z_grainy, capped)
     assert plain["ceiling"] == 0 < with_ceiling["ceiling"]
     assert with_ceiling["loss"].item() == pytest.approx(plain["loss"].item() + 10 * with_ceiling["ceiling"], rel=1e-4)
