@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fmboost.models.taesd as taesd_module
+from fmboost.flow.runtime import cpu_dtype
 from fmboost.models.taesd import TAESD
 from fmboost.training import metrics
 from fmboost.training.data import load_rgb
@@ -43,7 +44,13 @@ def test_fused_layers_give_the_plain_layers_images_in_float32(photo):
 def test_fused_layers_in_bfloat16_are_as_close_to_float32_as_the_plain_layers(photo):
     (_, z32, img32), _ = plain_and_fused(torch.float32, photo)
     (used, z, img), (z_plain, img_plain) = plain_and_fused(torch.bfloat16, photo)
-    assert used is True
+    if not used:
+        # allowed only on a CPU without bf16 instructions (an AVX2-only one, where `auto` picks fp32 anyway):
+        # oneDNN's fused bf16 convolution is not there or not right, and the pack keeps its plain layers
+        assert cpu_dtype() == torch.float32
+        torch.testing.assert_close(z, z_plain, rtol=0, atol=0)
+        torch.testing.assert_close(img, img_plain, rtol=0, atol=0)
+        return
     err_fused, err_plain = (z - z32).abs().mean(), (z_plain - z32).abs().mean()
     assert err_fused < 1.2 * err_plain, (err_fused, err_plain)   # seen: 0.029 against 0.030
     assert metrics.psnr(img, img32).min().item() > 40
