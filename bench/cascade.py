@@ -40,7 +40,7 @@ from fmboost.training.data import downscale2, load_rgb, scan_images  # noqa: E40
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import City96LatentUpscaler  # noqa: E402
-from quality import CEILING, JOD, replace_section, save_grid, standard_error  # noqa: E402
+from quality import CEILING, JOD, photo_inputs, replace_section, save_grid, standard_error  # noqa: E402
 
 BICUBIC = "(c) bicubic ×4 of decoded"
 CASCADE = "(f) CFM node defaults, twice"
@@ -161,10 +161,7 @@ def table_text(low_side, per_image, names) -> list[str]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(REPO / "weights" / "cfm" / "fmboost-sd15-x2.safetensors"))
-    ap.add_argument("--val", required=True)
-    ap.add_argument("--vae", default=str(REPO / "weights" / "taesd"))
-    ap.add_argument("--city96", default=str(REPO.parent / "shared" / "weights" / "sd-latent-upscaler-city96" /
-                                            "latent-upscaler-v2.1_SDv1-x2.0.safetensors"))
+    photo_inputs(ap)
     ap.add_argument("--sizes", default="128,256", help="low-res long sides in pixels (4× each)")
     ap.add_argument("--count", default="40,16", help="images per size")
     ap.add_argument("--crops", type=int, default=3, help="photos per size in the crop image")

@@ -415,16 +415,21 @@ def replace_section(path: Path, marker: str, text: str):
     path.write_text(new)
 
 
+def photo_inputs(ap: argparse.ArgumentParser):
+    """The inputs every photo bench shares: the val folder, the TAESD folder, city96's upscaler."""
+    ap.add_argument("--val", required=True)
+    ap.add_argument("--vae", default=str(REPO / "weights" / "taesd"))
+    ap.add_argument("--city96", default=str(REPO.parent / "shared" / "weights" / "sd-latent-upscaler-city96" /
+                                            "latent-upscaler-v2.1_SDv1-x2.0.safetensors"))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
     default_regression = REPO / "bench" / "models" / "regression-sd15-x2.safetensors"
     ap.add_argument("--regression", default=str(default_regression) if default_regression.exists() else None,
                     help="a regression-baseline checkpoint (objective=regression); default: bench/models/")
-    ap.add_argument("--val", required=True)
-    ap.add_argument("--vae", default=str(REPO / "weights" / "taesd"))
-    ap.add_argument("--city96", default=str(REPO.parent / "shared" / "weights" / "sd-latent-upscaler-city96" /
-                                            "latent-upscaler-v2.1_SDv1-x2.0.safetensors"))
+    photo_inputs(ap)
     ap.add_argument("--sizes", default="256,512", help="low-res long sides in pixels (2× each)")
     ap.add_argument("--count", default="80,16", help="images per size")
     ap.add_argument("--evals", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
