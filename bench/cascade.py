@@ -40,7 +40,7 @@ from fmboost.training.data import downscale2, load_rgb, scan_images  # noqa: E40
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import City96LatentUpscaler  # noqa: E402
-from quality import CEILING, JOD, photo_inputs, replace_section, save_grid, standard_error  # noqa: E402
+from quality import CEILING, JOD, centre_crop, photo_inputs, replace_section, save_grid, standard_error  # noqa: E402
 
 BICUBIC = "(c) bicubic ×4 of decoded"
 CASCADE = "(f) CFM node defaults, twice"
@@ -57,14 +57,6 @@ def workflow_stages(path: Path) -> list[dict]:
         chain.append(nxt)
     return [{k: v for k, v in ups[key].items() if not isinstance(v, list)} for key in chain]
 METRICS = ("psnr", "ssim", "jod", "detail", "colour")
-
-
-def crop4(img: torch.Tensor, long_side: int) -> torch.Tensor:
-    """Centre crop of at most `long_side` px whose sides are multiples of 32 (so the ÷4 image is whole latents)."""
-    _, h, w = img.shape
-    ch, cw = min(h, long_side) // 32 * 32, min(w, long_side) // 32 * 32
-    y, x = (h - ch) // 2, (w - cw) // 2
-    return img[:, y:y + ch, x:x + cw]
 
 
 def bicubic(img: torch.Tensor, factor: int) -> torch.Tensor:
@@ -116,7 +108,7 @@ def run_size(low_side, images, vae, table, jod, records: Path, crops: int):
             done.setdefault(rec["image"], {}).update(rec["scores"])
     rows = []
     for i, path in enumerate(images):
-        truth = crop4(load_rgb(path), 4 * low_side)[None]
+        truth = centre_crop(load_rgb(path), 4 * low_side, multiple=32)[None]  # ÷4: whole latents
         with torch.inference_mode():
             z = vae.encode(downscale2(downscale2(truth)))
             todo = [n for n in [CEILING, *table] if n not in done.get(path.name, {})]
@@ -201,8 +193,8 @@ def main(argv=None):
         save_grid(rows, Path(args.results).parent / f"cascade_crops_{size}.jpg")
     if args.only_size:
         return
-    text.append("Crops: `bench/cascade_crops_<size>.jpg` (bicubic ×4 | latent bilinear ×4 | the 2048 px workflow | ground "
-                "truth; a centre crop a quarter of the result's long side, of the first photos, at full size).")
+    text.append("Crops: `bench/cascade_crops_<size>.jpg` (bicubic ×4 | latent bilinear ×4 | the 2048 px workflow | "
+                "ground truth; a centre crop a quarter of the result's long side, of the first photos, at full size).")
     replace_section(Path(args.results), "## Cascade:", "\n".join(text))
     print("\n".join(text))
 

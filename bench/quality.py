@@ -44,10 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import City96LatentUpscaler  # noqa: E402
 
 
-def centre_crop(img, long_side):
+def centre_crop(img, long_side, multiple=16):
+    """Centre crop of at most `long_side` px whose sides are multiples of `multiple` (16: the ×½ image is whole
+    latents; a 4× bench needs 32)."""
     _, h, w = img.shape
-    ch = min(h, long_side) // 16 * 16
-    cw = min(w, long_side) // 16 * 16
+    ch = min(h, long_side) // multiple * multiple
+    cw = min(w, long_side) // multiple * multiple
     y, x = (h - ch) // 2, (w - cw) // 2
     return img[:, y:y + ch, x:x + cw]
 
