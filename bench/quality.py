@@ -183,7 +183,7 @@ def methods(args, source_vae, cfm, cfm_ck, city96, regression):
 
 
 CEILING = "TAESD ceiling (GT encoded+decoded)"
-FIDELITY_BICUBIC = "(c′) bicubic of the fidelity decoder's image (the shading correction's reference)"
+FIDELITY_BICUBIC = "(c′) bicubic of the fidelity decoder's image (the luma of the shading correction's reference)"
 METRICS = ("psnr", "ssim", "jod", "detail", "colour", "seconds")
 
 

@@ -6,8 +6,14 @@ bicubic resize keeps the low-res image's shading exactly; most of the gap betwee
 RESULTS.md, *Where the error is*). One pass:
 
     d   = decode(z)                                       the upscaled image
-    e   = blur(bicubic ×2 of decode(low-res)) − blur(d)   its large-scale error (Gaussian of SHADING_SIGMA px)
+    e   = blur(reference) − blur(d)                       its large-scale error (Gaussian of SHADING_SIGMA px)
     z  += encode(d + e) − encode(d)
+
+The reference is bicubic ×2 of the low-res image, its brightness (BT.601 luma) decoded by the pack's fidelity
+decoder, which is closer to the image than TAESD's decoder, and its colour (Cb, Cr) by the VAE's own decoder:
+the fidelity decoder was fitted on luma and is paler, and each pass pulled the colour to it (a cascade's two
+passes lost about an eighth of the fine-scale chroma; `bench/RESULTS.md`, *A reference with the decoder's
+colour*). A VAE without a fidelity decoder gives both.
 
 The difference of two encodes moves the latent by what the pixel change means to the encoder, and cancels the
 encoder's own bias (encoding d + e directly would add the VAE's round-trip error: its reds and greens, its
@@ -38,14 +44,47 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
+_YCBCR = torch.tensor([[0.299, 0.587, 0.114],          # BT.601 full range: Y, Cb, Cr from R, G, B
+                        [-0.168736, -0.331264, 0.5],
+                        [0.5, -0.418688, -0.081312]])
+
+
+def to_ycbcr(rgb: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB → Y, Cb, Cr (BT.601, full range; Cb and Cr centred on 0)."""
+    return _mix(_YCBCR, rgb)
+
+
+def from_ycbcr(ycc: torch.Tensor) -> torch.Tensor:
+    """The inverse of `to_ycbcr`."""
+    return _mix(torch.linalg.inv(_YCBCR.double()), ycc)
+
+
+def _mix(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """3×3 `matrix` applied to each pixel's channels of (B, 3, H, W)."""
+    m = matrix.to(x.device, x.dtype)
+    return torch.stack([m[i, 0] * x[:, 0] + m[i, 1] * x[:, 1] + m[i, 2] * x[:, 2] for i in range(3)], 1)
+
+
+def reference_image(vae: PixelVAE, low: torch.Tensor) -> torch.Tensor:
+    """Raw low-res latent (B, C, h, w) → the image a pass pulls the result's large scales to, before the blur:
+    bicubic ×2 of its decode, float32 in [0, 1]; its luma from the fidelity decoder (the pack's TAESD:
+    models.taesd.TAESD.decode_fidelity) and its chroma from the VAE's `decode` (other VAEs: both)."""
+    def bicubic(decode):
+        pixels = decode(low).to(low.device, torch.float32)
+        return F.interpolate(pixels, size=(pixels.shape[-2] * 2, pixels.shape[-1] * 2), mode="bicubic",
+                             align_corners=False).clamp(0, 1)
+    fidelity = pixel_decoder(vae, "fidelity")
+    luma = bicubic(fidelity)
+    if fidelity == vae.decode:
+        return luma
+    ycc = to_ycbcr(bicubic(vae.decode))
+    return from_ycbcr(torch.cat([to_ycbcr(luma)[:, :1], ycc[:, 1:]], 1)).clamp(0, 1)
+
+
 def shading_reference(vae: PixelVAE, low: torch.Tensor, sigma: float = SHADING_SIGMA) -> torch.Tensor:
     """Raw low-res latent (B, C, h, w) → what a pass pulls the result's large scales to: the blur (`sigma`
-    output px) of bicubic ×2 of its decode, float32. The pack's TAESD decodes it with its fidelity decoder
-    (models.taesd.TAESD.decode_fidelity); other VAEs with their decoder."""
-    pixels = pixel_decoder(vae, "fidelity")(low).to(low.device, torch.float32)
-    reference = F.interpolate(pixels, size=(pixels.shape[-2] * 2, pixels.shape[-1] * 2), mode="bicubic",
-                              align_corners=False).clamp(0, 1)
-    return gaussian_blur(reference, sigma)
+    output px) of `reference_image`, float32."""
+    return gaussian_blur(reference_image(vae, low), sigma)
 
 
 def shading_change(vae: PixelVAE, z: torch.Tensor, reference: torch.Tensor,

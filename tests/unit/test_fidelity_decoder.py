@@ -1,5 +1,6 @@
 """The pack's TAESD fidelity decoder (training/fidelity_decoder.py): closer to the low-res image than TAESD's
-decoder on a photo it never saw, the shading correction's reference, trained and written by its command."""
+decoder on a photo it never saw, the brightness of the shading correction's reference, trained and written by
+its command."""
 import json
 import random
 import subprocess
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from fmboost.flow.shading import SHADING_SIGMA, correct_shading, gaussian_blur
+from fmboost.flow.shading import SHADING_SIGMA, correct_shading, gaussian_blur, shading_reference, to_ycbcr
 from fmboost.models.taesd import FIDELITY_DECODER, TAESD
 from fmboost.training import metrics
 from fmboost.training.data import downscale2, load_rgb, scan_images
@@ -45,23 +46,38 @@ def test_the_shipped_fidelity_decoder_is_closer_to_the_image_than_taesd(example)
         torch.testing.assert_close(plain_only.decode_fidelity(z), plain)
 
 
-def test_the_shading_correction_pulls_towards_the_fidelity_decoders_image(example):
-    """correct_shading's reference is decode_fidelity(low): the pass moves the result's large scales towards
-    bicubic ×2 of the fidelity decoder's low-res image, not of TAESD's (the exact move, two encodes: what
-    the reference is worth alone)."""
+def chroma_distance(a, b):
+    """RMS difference of two images' Cb and Cr (BT.601), 0–255."""
+    return (((to_ycbcr(a)[:, 1:] - to_ycbcr(b)[:, 1:]) ** 2).mean().sqrt() * 255).item()
+
+
+def test_the_shading_correction_takes_brightness_from_the_fidelity_decoder_and_colour_from_taesds(example):
+    """correct_shading's reference is bicubic ×2 of the low-res image with the fidelity decoder's luma and the
+    TAESD decoder's chroma (the fidelity decoder, fitted on luma, is paler). The pass moves the result's large
+    scales there: its luma towards the fidelity decoder's, its colour towards TAESD's (the exact move, two
+    encodes: what the reference is worth alone). Without the fidelity decoder both come from TAESD's."""
     with_fidelity = TAESD.from_folder(TAESD_DIR, change=False)
     without = TAESD.from_folder(TAESD_DIR, fidelity=False, change=False)
     with torch.inference_mode():
         low = with_fidelity.encode(example)
         out = with_fidelity.encode(F.interpolate(example, scale_factor=2, mode="bilinear", align_corners=False))
-        refs = {name: gaussian_blur(F.interpolate(v.decode_fidelity(low), scale_factor=2, mode="bicubic",
+        refs = {name: gaussian_blur(F.interpolate(decode(low), scale_factor=2, mode="bicubic",
                                                   align_corners=False).clamp(0, 1), SHADING_SIGMA)
-                for name, v in (("fidelity", with_fidelity), ("plain", without))}
-        for name, v in (("fidelity", with_fidelity), ("plain", without)):
-            got = gaussian_blur(with_fidelity.decode(correct_shading(v, low, out, 1)), SHADING_SIGMA)
-            own = metrics.psnr(got, refs[name]).item()
-            other = metrics.psnr(got, refs["plain" if name == "fidelity" else "fidelity"]).item()
-            assert own > other + 0.5, (name, own, other)
+                for name, decode in (("fidelity", with_fidelity.decode_fidelity), ("plain", without.decode))}
+        assert chroma_distance(refs["fidelity"], refs["plain"]) > 1.0          # seen: 1.5
+        reference = shading_reference(with_fidelity, low)
+        assert metrics.psnr(reference, refs["fidelity"]).item() > 60            # seen: 82 dB (clamping)
+        assert chroma_distance(reference, refs["plain"]) < 0.2                  # seen: 0.06
+        torch.testing.assert_close(shading_reference(without, low), refs["plain"])
+
+        got = gaussian_blur(with_fidelity.decode(correct_shading(with_fidelity, low, out, 1)), SHADING_SIGMA)
+        luma = {name: metrics.psnr(got, ref).item() for name, ref in refs.items()}
+        assert luma["fidelity"] > luma["plain"] + 3, luma                      # seen: 41.3 and 35.5 dB
+        colour = {name: chroma_distance(got, ref) for name, ref in refs.items()}
+        assert colour["plain"] < colour["fidelity"] - 0.2, colour               # seen: 1.40 and 1.80
+        got = gaussian_blur(with_fidelity.decode(correct_shading(without, low, out, 1)), SHADING_SIGMA)
+        luma = {name: metrics.psnr(got, ref).item() for name, ref in refs.items()}
+        assert luma["plain"] > luma["fidelity"] + 1.5, luma                    # seen: 39.1 and 36.1 dB
 
 
 def test_fitting_brings_the_decoder_closer_to_its_training_crops():

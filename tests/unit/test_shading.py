@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fmboost.flow import InputError, SolverSettings, UpscaleSettings, upscale
-from fmboost.flow.shading import SHADING_SIGMA, correct_shading, gaussian_blur
+from fmboost.flow.shading import SHADING_SIGMA, correct_shading, from_ycbcr, gaussian_blur, to_ycbcr
 from fmboost.models.taesd import TAESD
 from fmboost.training import metrics
 from fmboost.training.data import downscale2, load_rgb
@@ -74,7 +74,9 @@ def test_batch_items_are_corrected_as_if_alone(vae, photo):
     both = correct_shading(vae, low, drifted, passes=1)
     for i in range(2):
         alone = correct_shading(vae, low[i:i + 1], drifted[i:i + 1], passes=1)
-        torch.testing.assert_close(both[i:i + 1], alone, atol=1e-4, rtol=1e-4)
+        # a batch rounds differently from one item (1e-6 in pixels), and two encodes at full size amplify
+        # that about a hundred times (seen: 2.3e-4); leaking one item into another would move it by ~0.1
+        torch.testing.assert_close(both[i:i + 1], alone, atol=1e-3, rtol=1e-3)
 
 
 def test_gaussian_blur_keeps_a_constant_and_small_images():
@@ -104,3 +106,15 @@ def test_upscale_runs_the_passes_the_settings_ask_for(vae, photo):
     upscale(network, low, dataclasses.replace(base, shading_correction=2), vae=vae,
             before_window=lambda: calls.append(1))
     assert len(calls) == 2   # Cancel is checked before each pass
+
+
+def test_ycbcr_is_bt601_and_goes_back():
+    """The reference's brightness and colour are split in BT.601 YCbCr (flow.shading.to_ycbcr)."""
+    colours = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.5, 0.5, 0.5]]).T.view(1, 3, 1, 4)
+    ycc = to_ycbcr(colours)[0, :, 0].T
+    torch.testing.assert_close(ycc[0], torch.tensor([1.0, 0.0, 0.0]))              # white: no chroma
+    torch.testing.assert_close(ycc[1], torch.tensor([0.299, -0.168736, 0.5]))      # red: Cr at its top
+    torch.testing.assert_close(ycc[2], torch.tensor([0.114, 0.5, -0.081312]))      # blue: Cb at its top
+    torch.testing.assert_close(ycc[3], torch.tensor([0.5, 0.0, 0.0]))
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(from_ycbcr(to_ycbcr(x)), x)
