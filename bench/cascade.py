@@ -9,8 +9,9 @@ twice (antialiased) and encoded with TAESD. Methods, every result decoded with T
 (a) core latent bilinear ×4, (c) bicubic ×4 of the decoded low-res image, (c′) the same from the pack's
 fidelity decoder, (d) city96's ×2 upscaler twice, the shipped model at the node's defaults twice, the two CFM
 nodes of `workflows/api/SD1.5 at 512 px, then two CFM upscales to 2048 px.json` with their widget values, and
-the model once followed by a bicubic ×2 of its decoded image. Metrics as in bench/quality.py, and each row
-paired against bicubic image by image (mean difference ± standard error, and on how many photos it is higher).
+the model once followed by a bicubic ×2 of its decoded image. Metrics as in bench/quality.py and chroma (how
+colourful, `metrics.chroma_ratio`), and each row paired against bicubic image by image (mean difference ±
+standard error, and on how many photos it is higher).
 Writes the section "Cascade" of bench/RESULTS.md and `bench/cascade_crops_<size>.jpg` (bicubic | latent
 bilinear | the 2048 px workflow | ground truth, a centre crop of the first photos). Per-image scores go to
 --records, so a run that stops resumes there.
@@ -56,7 +57,7 @@ def workflow_stages(path: Path) -> list[dict]:
     while nxt := next((k for k, v in ups.items() if v["samples"][0] == chain[-1]), None):
         chain.append(nxt)
     return [{k: v for k, v in ups[key].items() if not isinstance(v, list)} for key in chain]
-METRICS = ("psnr", "ssim", "jod", "detail", "colour")
+METRICS = ("psnr", "ssim", "jod", "detail", "colour", "chroma")
 
 
 def bicubic(img: torch.Tensor, factor: int) -> torch.Tensor:
@@ -96,7 +97,8 @@ def workflow_row(table) -> str:
 def score(img, truth, jod) -> dict:
     img = img.clamp(0, 1)
     return dict(psnr=metrics.psnr(img, truth).item(), ssim=metrics.ssim(img, truth).item(), jod=jod(img, truth),
-                detail=metrics.detail_ratio(img, truth).item(), colour=metrics.colour_error(img, truth).item())
+                detail=metrics.detail_ratio(img, truth).item(), colour=metrics.colour_error(img, truth).item(),
+                chroma=metrics.chroma_ratio(img, truth).item())
 
 
 def run_size(low_side, images, vae, table, jod, records: Path, crops: int):
@@ -134,8 +136,8 @@ def run_size(low_side, images, vae, table, jod, records: Path, crops: int):
 def table_text(low_side, per_image, names) -> list[str]:
     n = len(per_image)
     lines = [f"### {low_side} → {4 * low_side} px (long side), {n} images", "",
-             "| method | PSNR dB | SSIM | JOD | detail | colour error | − (c) bicubic, paired: PSNR / SSIM / JOD "
-             "(± s.e.) | higher than (c) on (PSNR / SSIM / JOD) |", "|---|---|---|---|---|---|---|---|"]
+             "| method | PSNR dB | SSIM | JOD | detail | colour error | chroma | − (c) bicubic, paired: PSNR / SSIM / JOD "
+             "(± s.e.) | higher than (c) on (PSNR / SSIM / JOD) |", "|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         mean = {k: sum(r[name][k] for r in per_image) / n for k in METRICS}
         if name in (CEILING, BICUBIC):
@@ -146,7 +148,7 @@ def table_text(low_side, per_image, names) -> list[str]:
                                 for v, d in ((diff["psnr"], 2), (diff["ssim"], 4), (diff["jod"], 3)))
             wins = " / ".join(str(sum(x > 0 for x in diff[k])) for k in ("psnr", "ssim", "jod"))
         lines.append(f"| {name} | {mean['psnr']:.2f} | {mean['ssim']:.4f} | {mean['jod']:.3f} | "
-                     f"{mean['detail']:.3f} | {mean['colour']:.2f} | {paired} | {wins} |")
+                     f"{mean['detail']:.3f} | {mean['colour']:.2f} | {mean['chroma']:.3f} | {paired} | {wins} |")
     return lines + [""]
 
 
@@ -181,7 +183,9 @@ def main(argv=None):
             f"{ck.method.noise_step}, the model's shading correction), fp32; the pack's TAESD builds the sources",
             f"- data: the first photos of `{Path(args.val).name}/` (never trained on), centre crops, low-res = ×½ "
             "twice (antialiased); every result decoded with TAESD; seed 0; `bench/cascade.py`",
-            "- metrics as in *Quality*; paired columns: each row minus bicubic ×4 (c), photo by photo", ""]
+            "- metrics as in *Quality*, and chroma: how colourful the result is, the RMS deviation of its Cb and Cr "
+            "over the ground truth's (`metrics.chroma_ratio`; 1.0 ideal, paler below); paired columns: each row "
+            "minus bicubic ×4 (c), photo by photo", ""]
     for size, count in zip((int(s) for s in args.sizes.split(",")), (int(c) for c in args.count.split(","))):
         if args.only_size and size != args.only_size:
             continue

@@ -97,3 +97,15 @@ def detail_ratio(result: torch.Tensor, truth: torch.Tensor, cutoff: float = 0.25
 def colour_error(result: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """Colour cast, per image: the mean over R, G, B of |channel mean of result − of truth|, in 0–255 units."""
     return ((result.mean(dim=(-2, -1)) - truth.mean(dim=(-2, -1))).abs().mean(-1) * 255)
+
+
+def chroma_ratio(result: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """How colourful the result is next to the ground truth, per image: the RMS deviation of its chroma (BT.601
+    Cb and Cr, about their means) over the truth's. 1.0 is ideal, a paler image falls below. A uniform cast
+    leaves it unchanged (colour_error sees that)."""
+    from ..flow.shading import to_ycbcr
+
+    def spread(img):
+        c = to_ycbcr(img.float())[:, 1:]
+        return (c - c.mean(dim=(-2, -1), keepdim=True)).pow(2).mean(dim=(1, 2, 3)).sqrt()
+    return spread(result) / spread(truth).clamp_min(1e-12)

@@ -180,6 +180,12 @@ def test_metrics_on_known_images():
     torch.testing.assert_close(metrics.detail_ratio(img, img), torch.ones(2))
     assert (metrics.detail_ratio(blurred, img) < 0.5).all()
     assert (metrics.detail_ratio(noisy, blurred) > 1.5).all()
+    # chroma: halfway to grey is half as colourful; a uniform cast or a brightness change is not paler
+    grey = metrics.luma(img).expand_as(img)
+    torch.testing.assert_close(metrics.chroma_ratio((img + grey) / 2, img), torch.full((2,), 0.5))
+    torch.testing.assert_close(metrics.chroma_ratio(img * 0.5 + torch.tensor([0.2, 0.1, 0.0]).view(1, 3, 1, 1),
+                                                    img * 0.5), torch.ones(2))
+    assert (metrics.chroma_ratio(grey, img) < 1e-3).all()
 
 
 def test_our_taesd_reconstructs_a_photo():
