@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .schedule import check_step, q_sample
 from .shading import correct_shading
 from .solvers import EvalInfo, SolverSettings, integrate
-from .source import PixelVAE, make_source
+from .source import DecodeOnce, PixelVAE, make_source
 from .tiling import TiledNetwork
 
 Network = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t, context) → v
@@ -128,6 +128,8 @@ def upscale(network: Network, latent: torch.Tensor, settings: UpscaleSettings, *
     check_latent(latent, latent_channels)
     step = check_step(settings.noise_step)
     device = torch.device(device) if device is not None else latent.device
+    if shading_vae is None and source is None and vae is not None and settings.shading_correction:
+        vae = DecodeOnce(vae)   # the source and the correction's reference both decode the low-res latent
     shading_vae = shading_vae if shading_vae is not None else vae
     if settings.shading_correction and shading_vae is None:
         raise InputError("shading correction needs a VAE to compare the shading with: pass one, or set "

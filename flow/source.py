@@ -29,6 +29,31 @@ class PixelVAE(Protocol):
         """(B, 3, H, W) pixels in [0, 1] → (B, C, h, w) raw latent (posterior mode, not a sample)."""
 
 
+class DecodeOnce:
+    """A PixelVAE that decodes the same latent once: it keeps its last `decode` and gives it back when asked to
+    decode that latent again (equal to within float rounding: a latent scaled and unscaled again). One upscale
+    decodes the low-res latent twice with the same VAE, for the pixel-mode source and for the shading
+    correction's reference; this makes the second free. Every other attribute is the VAE's. Make one per
+    upscale: it holds its last result until it goes."""
+
+    def __init__(self, vae: PixelVAE):
+        self.vae, self._last = vae, None
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        last = self._last
+        if (last is not None and last[0].shape == latent.shape and last[0].device == latent.device
+                and last[0].dtype == latent.dtype and torch.allclose(last[0], latent, rtol=1e-5, atol=1e-6)):
+            return last[1]
+        pixels = self.vae.decode(latent)
+        self._last = (latent.clone(), pixels)
+        return pixels
+
+    def __getattr__(self, name):   # only for names DecodeOnce has not got itself
+        if name == "vae":
+            raise AttributeError(name)
+        return getattr(self.vae, name)
+
+
 def bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     # align_corners=False, no antialias: the authors' F.interpolate call.
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)

@@ -11,7 +11,7 @@ from ..flow import EvaluationBudgetExceeded, InputError, upscale
 from ..flow.pipeline import build_source, check_latent
 from ..flow.settings import (AUTO, HEAD_ONLY, MAX_SHADING_PASSES, MODEL_NOISE_STEP, MODEL_SHADING,
                              UPSAMPLING_CHOICES, resolve)
-from ..flow.source import upsample_mask
+from ..flow.source import DecodeOnce, upsample_mask
 from ..flow.tiling import run_with_smaller_tiles
 from .comfy_model import CFMModel, ComfyVAE, ProgressReporter, builtin_taesd
 from .socket_types import CFMModelType, CFMSolverType
@@ -94,11 +94,14 @@ class CFMLatentUpscale(io.ComfyNode):
             batch, height, width = latent.shape[0], latent.shape[-2] * 2, latent.shape[-1] * 2
             device = cfm_model.patcher.load_device
             pixel_vae = ComfyVAE(vae) if vae is not None else None
-            if resolved.builtin_vae:
-                pixel_vae = builtin_taesd(device, cfm_model.dtype)
             # The shading is compared with the pack's TAESD whatever VAE built the source: a few TAESD passes
-            # cost what one SD VAE decode of the result would.
-            shading_vae = builtin_taesd(device, cfm_model.dtype) if settings.shading_correction else None
+            # cost what one SD VAE decode of the result would. When the TAESD builds the source too, the
+            # low-res latent's decode serves both (DecodeOnce).
+            needed = resolved.builtin_vae or settings.shading_correction
+            taesd = DecodeOnce(builtin_taesd(device, cfm_model.dtype)) if needed else None
+            if resolved.builtin_vae:
+                pixel_vae = taesd
+            shading_vae = taesd if settings.shading_correction else None
             # The source first: a connected VAE's own load may unload other models, and must not unload ours
             # between its load and the last evaluation. Built once, it also serves every out-of-memory retry.
             with torch.inference_mode():

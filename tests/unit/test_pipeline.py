@@ -258,3 +258,48 @@ def test_settings_follow_the_model_and_say_when_they_do_not():
     assert resolve(latent_model, shading_correction=3).settings.shading_correction == 3
     with pytest.raises(ValueError, match="shading_correction must be"):
         resolve(corrected, shading_correction=5)
+
+
+class CountingTAESD:
+    """The pack's TAESD, counting what it decodes."""
+
+    def __init__(self, vae):
+        self.vae, self.decoded = vae, []
+
+    def decode(self, latent):
+        self.decoded.append(tuple(latent.shape[-2:]))
+        return self.vae.decode(latent)
+
+    def __getattr__(self, name):
+        if name == "vae":
+            raise AttributeError(name)
+        return getattr(self.vae, name)
+
+
+@torch.inference_mode()
+def test_an_upscale_decodes_the_low_res_latent_once_for_its_source_and_its_shading_reference(net):
+    """Pixel mode's source and the shading correction's reference both want TAESD's decode of the low-res latent
+    (flow.source.DecodeOnce): the second costs nothing, and the result is what two decodes give."""
+    from fmboost.flow.source import DecodeOnce
+    from fmboost.models.taesd import TAESD
+    from support import REPO
+    taesd = TAESD.from_folder(REPO / "weights" / "taesd")
+    latent = raw_latent(2, 8, 8) / 5
+    s = settings(mode="pixel", shading_correction=1)
+    counting = CountingTAESD(taesd)
+    out = upscale(net, latent, s, vae=counting)
+    assert counting.decoded == [(8, 8), (16, 16)]   # the low-res latent once, then the pass's result
+    # the node hands it a DecodeOnce of its own, with the source built first: the same
+    node = CountingTAESD(taesd)
+    once = DecodeOnce(node)
+    from fmboost.flow.pipeline import build_source
+    again = upscale(net, latent, s, source=build_source(latent, s, once), shading_vae=once)
+    assert node.decoded == [(8, 8), (16, 16)]
+    torch.testing.assert_close(again, out)
+    # without the memo: the same result from two decodes of the low-res latent
+    counting = CountingTAESD(taesd)
+    plain = upscale(net, latent, s, source=build_source(latent, s, counting), shading_vae=counting)
+    assert counting.decoded == [(8, 8), (8, 8), (16, 16)]
+    torch.testing.assert_close(plain, out)
+    # another latent is decoded afresh
+    assert once.decode(latent[:1]).shape == (1, 3, 64, 64) and node.decoded[-1] == (8, 8)
