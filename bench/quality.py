@@ -503,7 +503,8 @@ def main(argv=None):
         info += (f"; every other CFM row with the model's own correction ({sc[2:]}: `models.shading_head`, "
                  "`flow.shading`)")
         if vae.fidelity_decoder is not None:
-            info += "; the TAESD passes' reference decoded by the pack's fidelity decoder (`TAESD.decode_fidelity`)"
+            info += ("; the TAESD passes' reference: its luma decoded by the pack's fidelity decoder "
+                     "(`TAESD.decode_fidelity`), its colour by TAESD's decoder (`flow.shading.reference_image`)")
         if vae.change is not None:
             info += ("; each pass's move by the pack's learned encoder move (`TAESD.encode_change`), except in the "
                      "row that says *exact*")
