@@ -11,9 +11,9 @@ RESULTS.md, *Where the error is*). One pass:
 
 The reference is bicubic ×2 of the low-res image, its brightness (BT.601 luma) decoded by the pack's fidelity
 decoder, which is closer to the image than TAESD's decoder, and its colour (Cb, Cr) by the VAE's own decoder:
-the fidelity decoder was fitted on luma and is paler, and each pass pulled the colour to it (a cascade's two
-passes lost about an eighth of the fine-scale chroma; `bench/RESULTS.md`, *A reference with the decoder's
-colour*). A VAE without a fidelity decoder gives both.
+the fidelity decoder was fitted on luma and is paler, and each pass pulled the colour to it (a cascade's
+colours came out about an eighth paler than a bicubic resize's; `bench/RESULTS.md`, *A reference with the
+decoder's colour*). A VAE without a fidelity decoder gives both.
 
 The difference of two encodes moves the latent by what the pixel change means to the encoder, and cancels the
 encoder's own bias (encoding d + e directly would add the VAE's round-trip error: its reds and greens, its
