@@ -36,8 +36,8 @@ class CFMLatentUpscale(io.ComfyNode):
                                      "before the flow. Higher: more invented detail, less faithful; 0: none. "
                                      "-1: the step the model recommends (325 for the shipped model; 450 gives "
                                      "it about the photos' amount of detail; the authors' models recommend 400). "
-                                     "For a second ×2 on a CFM result (a cascade), 100: the first already "
-                                     "added texture."),
+                                     "For a cascade (two ×2 in a row), 100 in both: the second starts from "
+                                     "the first one's texture and magnifies it."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the augmentation noise. Item i of a batch uses seed + its "
                                      "batch index, like ComfyUI's samplers."),

@@ -6,7 +6,7 @@ runs through a real ComfyUI server with the shipped model on the pack's example 
 standing in for the KSampler. The thumbnail is one crop at the result's scale: the input on the left (its pixels magnified by
 nearest neighbour), the workflow's result on the right. Needs the provisioned environment (scripts/provision.sh).
 
-    .venv/bin/python scripts/build_workflow_previews.py
+    .venv/bin/python scripts/build_workflow_previews.py [PART_OF_A_NAME ...]   # all, or only the matching ones
 """
 import json
 import shutil
@@ -43,7 +43,7 @@ def thumbnail(low, result, size=THUMB):
     return out
 
 
-def main():
+def main(only=()):
     from PIL import Image
     base = Path(tempfile.mkdtemp(prefix="fmboost-previews-"))
     server = ComfyServer(base)
@@ -53,6 +53,8 @@ def main():
     server.start()
     try:
         for path in sorted((REPO / "workflows" / "api").glob("*.json")):
+            if only and not any(part in path.stem for part in only):
+                continue
             workflow = json.loads(path.read_text())
             _, stages = cfm_stage(workflow, "")
             # the input the stage sees: the photo at 1/2 (1/4 for a cascade) of its size, a multiple of 8
@@ -73,4 +75,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -176,9 +176,10 @@ def build() -> list[Graph]:
     ckpt = g.add("CheckpointLoaderSimple", 0, 0, ckpt_name=SD15)
     sampler = txt2img(g, ckpt, (ckpt, 1))
     cfm = g.add("FMBoostLoadCFMModel", 2, 1, ckpt_name=CFM, weight_dtype="auto", weights="ema")
-    up1 = cfm_upscale(g, cfm, sampler, 3)
-    # The second ×2 starts from the first one's result, which already has its texture: at noise step 100
-    # instead of the model's 325 it adds less of its own (bench/RESULTS.md, *Cascade*).
+    # Both ×2 run at noise step 100 instead of the model's 325: the second starts from the first one's
+    # result, which already has its texture, and magnifies whatever texture the first one invented
+    # (bench/RESULTS.md, *Cascade*).
+    up1 = cfm_upscale(g, cfm, sampler, 3, noise_step=100)
     up2 = cfm_upscale(g, cfm, up1, 4, seed=1, noise_step=100)
     dec = g.add("VAEDecode", 5, 0, samples=(up2, 0), vae=(ckpt, 2))
     g.add("SaveImage", 6, 0, images=(dec, 0), filename_prefix="fmboost/cascade_2048")
