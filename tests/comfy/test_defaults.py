@@ -148,20 +148,25 @@ def test_a_mode_the_model_was_not_trained_for_runs_with_a_warning(fresh_server):
 WORKFLOWS = sorted((REPO / "workflows" / "api").glob("*.json"))
 
 
+def save_low_res(server, image, truth, stages):
+    """The ground truth downscaled ×2 `stages` times, saved as the server's input `image` (its name)."""
+    from fmboost.training.data import downscale2
+    low = truth
+    for _ in range(stages):
+        low = downscale2(low)
+    Image.fromarray((low[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()).save(
+        server.base / "input" / image)
+    return image
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_every_example_workflow_beats_the_resize_it_replaces(fresh_server, path):
     import json
     workflow = json.loads(path.read_text())
     _, stages = cfm_stage(workflow, "")
     rows = []
-    from fmboost.training.data import downscale2
     for name, _, truth in val_photos():
-        image = f"{path.stem}_{name}.png"
-        low = truth
-        for _ in range(stages):
-            low = downscale2(low)
-        Image.fromarray((low[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()).save(
-            fresh_server.base / "input" / image)
+        image = save_low_res(fresh_server, f"{path.stem}_{name}.png", truth, stages)
         prompt, _ = cfm_stage(workflow, image)
         entry = fresh_server.run(prompt)
         assert entry["status"]["status_str"] == "success", execution_error(entry)
@@ -182,7 +187,6 @@ def test_the_2048_px_workflow_cascade_beats_the_model_defaults_run_twice(fresh_s
     import json
 
     from fmboost.training import metrics
-    from fmboost.training.data import downscale2
     workflow = json.loads((REPO / "workflows" / "api" / "SD1.5 at 512 px, then two CFM upscales to 2048 px.json")
                           .read_text())
     defaults = json.loads(json.dumps(workflow))
@@ -191,10 +195,7 @@ def test_the_2048_px_workflow_cascade_beats_the_model_defaults_run_twice(fresh_s
             node["inputs"]["noise_augmentation"] = -1
     rows = []
     for name, _, truth in fresh_server.photos:
-        image = f"cascade_{name}.png"
-        low = downscale2(downscale2(truth))[0]
-        Image.fromarray((low.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()).save(
-            fresh_server.base / "input" / image)
+        image = save_low_res(fresh_server, f"cascade_{name}.png", truth, 2)
         row = [name]
         for wf in (workflow, defaults):
             prompt, stages = cfm_stage(wf, image)
